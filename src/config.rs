@@ -1,0 +1,168 @@
+//! Server configuration: the builder behind tf_config, validated on every set.
+
+use crate::error::{Error, Result};
+use crate::sys::Backend;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// TF_LOG_* levels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(i32)]
+pub enum LogLevel {
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+}
+
+/// Where the library's diagnostics go: called on the loop thread.
+pub type LogSink = Arc<dyn Fn(LogLevel, &str) + Send + Sync>;
+
+#[derive(Clone)]
+pub struct Config {
+    pub address: SocketAddr,
+    pub max_connections: u32,
+    pub max_frame: u32,
+    pub idle_timeout_ms: u32,
+    pub max_queued_output: u64,
+    /// None: the platform's best (epoll on Linux).
+    pub backend: Option<Backend>,
+    pub log: Option<LogSink>,
+}
+
+pub const DEFAULT_ADDRESS: &str = "127.0.0.1:5882";
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            address: DEFAULT_ADDRESS.parse().expect("default address parses"),
+            max_connections: 4096,
+            max_frame: 8 * 1024 * 1024,
+            idle_timeout_ms: 0,
+            max_queued_output: 16 * 1024 * 1024,
+            backend: None,
+            log: None,
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("address", &self.address)
+            .field("max_connections", &self.max_connections)
+            .field("max_frame", &self.max_frame)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
+            .field("max_queued_output", &self.max_queued_output)
+            .field("backend", &self.backend)
+            .field("log", &self.log.is_some())
+            .finish()
+    }
+}
+
+impl Config {
+    pub fn set_address(&mut self, text: &str) -> Result<()> {
+        let addr: SocketAddr = text.trim().parse().map_err(|_| {
+            Error::invalid(format!(
+                "address {text:?} is not IP:PORT (for example \"127.0.0.1:5882\" or \"[::1]:0\")"
+            ))
+        })?;
+        self.address = addr;
+        Ok(())
+    }
+
+    pub fn set_max_connections(&mut self, n: u32) -> Result<()> {
+        if n == 0 {
+            return Err(Error::invalid("max connections must be at least 1"));
+        }
+        self.max_connections = n;
+        Ok(())
+    }
+
+    pub fn set_max_frame(&mut self, bytes: u32) -> Result<()> {
+        if bytes == 0 {
+            return Err(Error::invalid("max frame must be at least 1 byte"));
+        }
+        self.max_frame = bytes;
+        Ok(())
+    }
+
+    pub fn set_idle_timeout_ms(&mut self, ms: u32) {
+        self.idle_timeout_ms = ms;
+    }
+
+    pub fn set_max_queued_output(&mut self, bytes: u64) -> Result<()> {
+        if bytes == 0 {
+            return Err(Error::invalid("max queued output must be at least 1 byte"));
+        }
+        self.max_queued_output = bytes;
+        Ok(())
+    }
+
+    /// 0 auto, 1 poll, 2 epoll (Linux only).
+    pub fn set_backend(&mut self, backend: i32) -> Result<()> {
+        self.backend = match backend {
+            0 => None,
+            1 => Some(Backend::Poll),
+            2 if cfg!(target_os = "linux") => Some(Backend::Epoll),
+            2 => return Err(Error::invalid("the epoll backend exists only on Linux")),
+            other => {
+                return Err(Error::invalid(format!("unknown backend {other} (0 auto, 1 poll, 2 epoll)")))
+            }
+        };
+        Ok(())
+    }
+
+    pub fn resolved_backend(&self) -> Backend {
+        self.backend.unwrap_or(if cfg!(target_os = "linux") { Backend::Epoll } else { Backend::Poll })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::default();
+        assert_eq!(c.address.to_string(), "127.0.0.1:5882");
+        assert_eq!(c.max_connections, 4096);
+        assert_eq!(c.max_frame, 8_388_608);
+        assert_eq!(c.idle_timeout_ms, 0);
+        assert_eq!(c.max_queued_output, 16 << 20);
+    }
+
+    #[test]
+    fn zero_limits_are_refused_and_leave_the_config_unchanged() {
+        let mut c = Config::default();
+        assert!(c.set_max_connections(0).is_err());
+        assert!(c.set_max_frame(0).is_err());
+        assert!(c.set_max_queued_output(0).is_err());
+        assert_eq!(c.max_connections, 4096);
+        assert_eq!(c.max_frame, 8_388_608);
+        assert!(c.set_max_frame(u32::MAX).is_ok());
+    }
+
+    #[test]
+    fn addresses_parse_for_both_families_and_garbage_is_refused() {
+        let mut c = Config::default();
+        c.set_address("[::1]:0").unwrap();
+        assert!(c.address.is_ipv6());
+        c.set_address("0.0.0.0:9000").unwrap();
+        assert_eq!(c.address.port(), 9000);
+        for bad in ["", "127.0.0.1", "localhost:80", "1.2.3.4:99999", "[::1]"] {
+            assert!(c.set_address(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(c.address.port(), 9000);
+    }
+
+    #[test]
+    fn unknown_backends_are_refused() {
+        let mut c = Config::default();
+        assert!(c.set_backend(3).is_err());
+        assert!(c.set_backend(-1).is_err());
+        c.set_backend(1).unwrap();
+        assert_eq!(c.resolved_backend(), Backend::Poll);
+    }
+}

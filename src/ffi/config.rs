@@ -1,0 +1,181 @@
+//! tf_config: the configuration builder, one setter per limit.
+
+use super::{arg_mut, arg_str, guard};
+use crate::config::{Config, LogLevel};
+use std::ffi::{c_char, c_void, CString};
+use std::sync::Arc;
+
+/// Opaque configuration builder. Create with tf_config_new(), change with
+/// the tf_config_set_* functions, pass to tf_server_start() (which copies
+/// it), free with tf_config_free().
+pub struct tf_config {
+    pub(crate) inner: Config,
+}
+
+/// A new configuration with every default: address "127.0.0.1:5882",
+/// 4096 max connections, 8 MiB max frame, no idle timeout, 16 MiB max
+/// queued output per connection, the platform's best backend, no log.
+///
+/// Returns NULL only when out of memory.
+///
+/// **Thread:** any thread.
+/// **Ownership:** the caller owns the result and must free it with
+/// tf_config_free() (tf_server_start() does not take it).
+#[no_mangle]
+pub extern "C" fn tf_config_new() -> *mut tf_config {
+    super::guard_or(std::ptr::null_mut(), || {
+        Ok(Box::into_raw(Box::new(tf_config { inner: Config::default() })))
+    })
+}
+
+/// Frees a configuration. NULL is fine.
+///
+/// **Thread:** any thread, once per configuration.
+/// **Ownership:** `cfg` must come from tf_config_new(); it is invalid afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn tf_config_free(cfg: *mut tf_config) {
+    guard(|| {
+        if !cfg.is_null() {
+            // SAFETY: non-NULL pointers given here come from tf_config_new
+            // (Box::into_raw) and are freed once, as documented.
+            drop(unsafe { Box::from_raw(cfg) });
+        }
+        Ok(())
+    });
+}
+
+/// Sets the listening address: "IPv4:PORT" or "[IPv6]:PORT", for example
+/// "127.0.0.1:5882" (default), "0.0.0.0:9000", "[::1]:0". Port 0 picks a
+/// free port (see tf_server_port()). Host names are not resolved.
+///
+/// Returns TF_OK, or TF_ERR_INVALID for NULL or an unparsable address
+/// (the configuration is then unchanged).
+///
+/// **Thread:** any thread, one at a time per configuration.
+/// **Ownership:** `addr` is copied; it may be freed after the call.
+#[no_mangle]
+pub unsafe extern "C" fn tf_config_set_address(cfg: *mut tf_config, addr: *const c_char) -> i32 {
+    guard(|| {
+        // SAFETY: `cfg` is NULL or a live tf_config; `addr` NULL or a C string.
+        let (cfg, addr) = unsafe { (arg_mut(cfg, "cfg")?, arg_str(addr, "addr")?) };
+        cfg.inner.set_address(addr)
+    })
+}
+
+/// Sets the most connections open at once (default 4096). More clients are
+/// accepted and closed at once, counted in connections_rejected.
+/// 0 is TF_ERR_INVALID.
+///
+/// **Thread:** any thread, one at a time per configuration.
+#[no_mangle]
+pub unsafe extern "C" fn tf_config_set_max_connections(cfg: *mut tf_config, n: u32) -> i32 {
+    guard(|| {
+        // SAFETY: `cfg` is NULL or a live tf_config.
+        unsafe { arg_mut(cfg, "cfg")? }.inner.set_max_connections(n)
+    })
+}
+
+/// Sets the largest payload, inbound and outbound (default 8 MiB, 8388608).
+/// A peer announcing more is closed with TF_CLOSE_TOO_LARGE; tf_send() of
+/// more returns TF_ERR_TOO_LARGE. 0 is TF_ERR_INVALID.
+///
+/// **Thread:** any thread, one at a time per configuration.
+#[no_mangle]
+pub unsafe extern "C" fn tf_config_set_max_frame(cfg: *mut tf_config, bytes: u32) -> i32 {
+    guard(|| {
+        // SAFETY: `cfg` is NULL or a live tf_config.
+        unsafe { arg_mut(cfg, "cfg")? }.inner.set_max_frame(bytes)
+    })
+}
+
+/// Sets the idle timeout: a connection that completes no inbound frame for
+/// this long is closed with TF_CLOSE_IDLE (this also ends frames dribbled
+/// too slowly). Default 0: never.
+///
+/// **Thread:** any thread, one at a time per configuration.
+#[no_mangle]
+pub unsafe extern "C" fn tf_config_set_idle_timeout_ms(cfg: *mut tf_config, ms: u32) -> i32 {
+    guard(|| {
+        // SAFETY: `cfg` is NULL or a live tf_config.
+        unsafe { arg_mut(cfg, "cfg")? }.inner.set_idle_timeout_ms(ms);
+        Ok(())
+    })
+}
+
+/// Sets the most output bytes (prefixes included) queued per connection
+/// (default 16 MiB). tf_send() past it returns TF_ERR_FULL and queues
+/// nothing. 0 is TF_ERR_INVALID.
+///
+/// **Thread:** any thread, one at a time per configuration.
+#[no_mangle]
+pub unsafe extern "C" fn tf_config_set_max_queued_output(cfg: *mut tf_config, bytes: u64) -> i32 {
+    guard(|| {
+        // SAFETY: `cfg` is NULL or a live tf_config.
+        unsafe { arg_mut(cfg, "cfg")? }.inner.set_max_queued_output(bytes)
+    })
+}
+
+/// Chooses the event-loop backend: TF_BACKEND_AUTO (default), TF_BACKEND_POLL
+/// or TF_BACKEND_EPOLL (Linux only). Any other value is TF_ERR_INVALID.
+///
+/// **Thread:** any thread, one at a time per configuration.
+#[no_mangle]
+pub unsafe extern "C" fn tf_config_set_backend(cfg: *mut tf_config, backend: i32) -> i32 {
+    guard(|| {
+        // SAFETY: `cfg` is NULL or a live tf_config.
+        unsafe { arg_mut(cfg, "cfg")? }.inner.set_backend(backend)
+    })
+}
+
+/// The host's log function and its user_data, both plain values.
+struct LogTarget {
+    log: unsafe extern "C" fn(*mut c_void, i32, *const c_char),
+    user_data: *mut c_void,
+}
+
+impl LogTarget {
+    fn call(&self, level: i32, text: &CString) {
+        // SAFETY: calls the host's function as documented; the string lives
+        // until it returns.
+        unsafe { (self.log)(self.user_data, level, text.as_ptr()) }
+    }
+}
+
+// SAFETY: the host promises, by setting a log function, that it may be
+// called from the loop thread with this user_data (documented below).
+unsafe impl Send for LogTarget {}
+// SAFETY: as above; the library never calls it from two threads at once
+// for one server, and never dereferences user_data itself.
+unsafe impl Sync for LogTarget {}
+
+/// Routes the library's diagnostics (accept failures, descriptor
+/// exhaustion, connections closed for cause, internal errors) to `log`,
+/// with a TF_LOG_* level. Rate limited: at most 20 lines per second, then
+/// a count of what was suppressed. NULL `log` turns logging off (the default).
+///
+/// **Thread:** `log` is called on the server's loop thread, never
+/// concurrently for one server. It must not call tf_server_stop().
+/// **Ownership:** `msg` is valid during the call only; `user_data` is
+/// passed back untouched and must stay valid until the server is stopped.
+#[no_mangle]
+pub unsafe extern "C" fn tf_config_set_log(
+    cfg: *mut tf_config,
+    log: Option<unsafe extern "C" fn(user_data: *mut c_void, level: i32, msg: *const c_char)>,
+    user_data: *mut c_void,
+) -> i32 {
+    guard(|| {
+        // SAFETY: `cfg` is NULL or a live tf_config.
+        let cfg = unsafe { arg_mut(cfg, "cfg")? };
+        cfg.inner.log = match log {
+            None => None,
+            Some(log) => {
+                let target = LogTarget { log, user_data };
+                Some(Arc::new(move |level: LogLevel, msg: &str| {
+                    let text = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+                    target.call(level as i32, &text)
+                }))
+            }
+        };
+        Ok(())
+    })
+}

@@ -1,0 +1,213 @@
+//! The C boundary: every `extern "C"` function, the `#[repr(C)]` types and
+//! TF_* constants, pointer checks, the panic guard and tf_last_error.
+//!
+//! Every exported body is `guard(...)` or `guard_value(...)`: nothing unwinds
+//! into C, and a failure leaves its message for tf_last_error() on the
+//! calling thread. tests/ffi_guard.rs checks that no function skips it.
+
+#![allow(non_camel_case_types)]
+// The safety contract of every exported function is the C one, stated once
+// here rather than in a Rust-only section the header would not show: each
+// pointer argument is NULL or points to a live object of its type (for
+// tf_server / tf_config: one this library returned and that is not freed).
+#![allow(clippy::missing_safety_doc)]
+
+mod config;
+mod pull;
+mod server;
+
+pub use config::*;
+pub use pull::*;
+pub use server::*;
+
+use crate::error::{Code, Error, Result};
+use once_cell::sync::Lazy;
+use std::cell::RefCell;
+use std::ffi::{c_char, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Success.
+pub const TF_OK: i32 = 0;
+/// A NULL pointer, an out-of-range value or an unparsable address.
+pub const TF_ERR_INVALID: i32 = 1;
+/// The connection id is unknown or the connection is already closed.
+pub const TF_ERR_NO_CONN: i32 = 2;
+/// Queued output for that connection would exceed its limit; nothing was queued.
+pub const TF_ERR_FULL: i32 = 3;
+/// The payload is longer than the configured max frame.
+pub const TF_ERR_TOO_LARGE: i32 = 4;
+/// The server is stopped or stopping.
+pub const TF_ERR_STOPPED: i32 = 5;
+/// An operating-system error (bind, listen, thread spawn...); see tf_last_error().
+pub const TF_ERR_IO: i32 = 6;
+/// A bug was caught at the boundary (for example a Rust panic); never a crash.
+pub const TF_ERR_INTERNAL: i32 = 7;
+
+/// on_close reason: the peer closed or reset the connection.
+pub const TF_CLOSE_PEER: i32 = 0;
+/// on_close reason: tf_conn_close() was called.
+pub const TF_CLOSE_LOCAL: i32 = 1;
+/// on_close reason: the server is stopping.
+pub const TF_CLOSE_SHUTDOWN: i32 = 2;
+/// on_close reason: a socket error.
+pub const TF_CLOSE_IO: i32 = 3;
+/// on_close reason: the peer announced a frame longer than max frame.
+pub const TF_CLOSE_TOO_LARGE: i32 = 4;
+/// on_close reason: no complete frame was received within the idle timeout.
+pub const TF_CLOSE_IDLE: i32 = 5;
+
+/// Backend: epoll on Linux, poll(2) elsewhere (the default).
+pub const TF_BACKEND_AUTO: i32 = 0;
+/// Backend: poll(2), everywhere.
+pub const TF_BACKEND_POLL: i32 = 1;
+/// Backend: epoll, Linux only.
+pub const TF_BACKEND_EPOLL: i32 = 2;
+
+/// Log level of a library diagnostic.
+pub const TF_LOG_ERROR: i32 = 1;
+pub const TF_LOG_WARN: i32 = 2;
+pub const TF_LOG_INFO: i32 = 3;
+pub const TF_LOG_DEBUG: i32 = 4;
+
+/// Identifies one connection: never 0, unique within a server, never reused.
+#[allow(non_camel_case_types)]
+pub type tf_conn_id = u64;
+
+const _: () = {
+    assert!(Code::Invalid as i32 == TF_ERR_INVALID);
+    assert!(Code::NoConn as i32 == TF_ERR_NO_CONN);
+    assert!(Code::Full as i32 == TF_ERR_FULL);
+    assert!(Code::TooLarge as i32 == TF_ERR_TOO_LARGE);
+    assert!(Code::Stopped as i32 == TF_ERR_STOPPED);
+    assert!(Code::Io as i32 == TF_ERR_IO);
+    assert!(Code::Internal as i32 == TF_ERR_INTERNAL);
+};
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+static VERSION: Lazy<CString> =
+    Lazy::new(|| CString::new(env!("CARGO_PKG_VERSION")).expect("version has no NUL"));
+
+fn set_last_error(message: &str) {
+    let text = CString::new(message.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = text);
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
+    }
+}
+
+/// The body of every exported function that returns a TF_* code: the
+/// closure's error becomes its code, a panic becomes TF_ERR_INTERNAL, and
+/// either leaves a message for tf_last_error().
+pub(crate) fn guard(f: impl FnOnce() -> Result<()>) -> i32 {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => TF_OK,
+        Ok(Err(e)) => {
+            set_last_error(&e.message);
+            e.code as i32
+        }
+        Err(panic) => {
+            set_last_error(&format!(
+                "internal error (a bug in tcpframe was caught): {}",
+                panic_message(&*panic)
+            ));
+            TF_ERR_INTERNAL
+        }
+    }
+}
+
+/// The body of every exported function that returns something else (a
+/// port, a descriptor, a pointer): on error or panic, the message is
+/// recorded and `fallback` is returned.
+pub(crate) fn guard_or<T>(fallback: T, f: impl FnOnce() -> Result<T>) -> T {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            set_last_error(&e.message);
+            fallback
+        }
+        Err(panic) => {
+            set_last_error(&format!(
+                "internal error (a bug in tcpframe was caught): {}",
+                panic_message(&*panic)
+            ));
+            fallback
+        }
+    }
+}
+
+/// Borrows `*p`, or fails with TF_ERR_INVALID naming the argument.
+///
+/// # Safety
+/// `p` is NULL or points to a live, properly aligned `T` for `'a`.
+pub(crate) unsafe fn arg_ref<'a, T>(p: *const T, what: &str) -> Result<&'a T> {
+    // SAFETY: the caller guarantees p is NULL or valid for 'a.
+    unsafe { p.as_ref() }.ok_or_else(|| Error::invalid(format!("{what} is NULL")))
+}
+
+/// Mutable version of `arg_ref`.
+///
+/// # Safety
+/// `p` is NULL or points to a live `T` that nothing else uses during `'a`.
+pub(crate) unsafe fn arg_mut<'a, T>(p: *mut T, what: &str) -> Result<&'a mut T> {
+    // SAFETY: the caller guarantees p is NULL or valid and unaliased for 'a.
+    unsafe { p.as_mut() }.ok_or_else(|| Error::invalid(format!("{what} is NULL")))
+}
+
+/// Reads a NUL-terminated UTF-8 string argument.
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string that lives for `'a`.
+pub(crate) unsafe fn arg_str<'a>(p: *const c_char, what: &str) -> Result<&'a str> {
+    if p.is_null() {
+        return Err(Error::invalid(format!("{what} is NULL")));
+    }
+    // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+    unsafe { CStr::from_ptr(p) }.to_str().map_err(|_| Error::invalid(format!("{what} is not UTF-8")))
+}
+
+/// Borrows `len` bytes at `p`; NULL is allowed only when `len` is 0.
+///
+/// # Safety
+/// When `len > 0`, `p` points to `len` readable bytes that live for `'a`.
+pub(crate) unsafe fn arg_bytes<'a>(p: *const u8, len: usize, what: &str) -> Result<&'a [u8]> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return Err(Error::invalid(format!("{what} is NULL but its length is {len}")));
+    }
+    if len > isize::MAX as usize {
+        return Err(Error::invalid(format!("{what} length {len} is out of range")));
+    }
+    // SAFETY: non-NULL, `len` readable bytes by the caller's contract.
+    Ok(unsafe { std::slice::from_raw_parts(p, len) })
+}
+
+/// The message of the last failed call on the calling thread; "" if none.
+///
+/// **Thread:** any thread; each thread has its own message.
+/// **Ownership:** the library owns the string; it stays valid until the
+/// next failing tcpframe call on the same thread. Never NULL.
+#[no_mangle]
+pub extern "C" fn tf_last_error() -> *const c_char {
+    guard_or(c"".as_ptr(), || Ok(LAST_ERROR.with(|e| e.borrow().as_ptr())))
+}
+
+/// The library version, such as "0.1.0".
+///
+/// **Thread:** any thread.
+/// **Ownership:** a static string; never free it. Never NULL.
+#[no_mangle]
+pub extern "C" fn tf_version() -> *const c_char {
+    guard_or(c"".as_ptr(), || Ok(VERSION.as_ptr()))
+}

@@ -1,0 +1,122 @@
+//! Pull mode at the C boundary: tf_server_start_pull, tf_server_fd, tf_server_poll.
+
+use super::server::{config_or_default, server, tf_server};
+use super::{arg_mut, guard, guard_or, tf_conn_id};
+use crate::error::Error;
+use crate::pull::{EventQueue, PullHandler, PullHost};
+use crate::server::Server;
+
+/// tf_event.kind: a connection was accepted; `data` is the peer text.
+pub const TF_EVENT_CONNECT: i32 = 1;
+/// tf_event.kind: a complete inbound frame; `data`/`len` are its payload.
+pub const TF_EVENT_MESSAGE: i32 = 2;
+/// tf_event.kind: the connection ended; `reason` is a TF_CLOSE_* value.
+pub const TF_EVENT_CLOSE: i32 = 3;
+
+/// One event of a pull-mode server. Events of one connection come in
+/// order: CONNECT, MESSAGEs, CLOSE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct tf_event {
+    /// A TF_EVENT_* value.
+    pub kind: i32,
+    /// CLOSE: a TF_CLOSE_* value; otherwise 0.
+    pub reason: i32,
+    pub conn: tf_conn_id,
+    /// MESSAGE: the payload (NULL when len is 0); CONNECT: the peer text,
+    /// NUL-terminated; CLOSE: NULL. Valid until the next tf_server_poll()
+    /// on this server (or tf_server_free()).
+    pub data: *const u8,
+    /// Payload length, or peer text length (without the NUL).
+    pub len: usize,
+}
+
+/// Starts a server in pull mode: no callbacks; the host takes events with
+/// tf_server_poll(), for example when tf_server_fd() is readable. Binds and
+/// listens before it returns, like tf_server_start(). Every connection is
+/// accepted (close unwanted ones with tf_conn_close()). When the host does
+/// not keep up, the library stops reading sockets (TCP backpressure):
+/// events are never dropped and the queue never grows without bound.
+///
+/// **Thread:** any thread.
+/// **Ownership:** `cfg` is copied. The caller owns `*out` and must release
+/// it with tf_server_free(); `*out` is written only on success.
+#[no_mangle]
+pub unsafe extern "C" fn tf_server_start_pull(cfg: *const super::tf_config, out: *mut *mut tf_server) -> i32 {
+    guard(|| {
+        // SAFETY: `out` is NULL or writable.
+        let out = unsafe { arg_mut(out, "out")? };
+        let config = config_or_default(cfg);
+        let queue = EventQueue::new().map_err(|e| Error::io("create eventfd", e))?;
+        let inner = Server::start(&config, PullHandler::new(queue.clone()))?;
+        let pull = PullHost::new(queue, inner.shared().clone());
+        *out = Box::into_raw(Box::new(tf_server { inner, pull: Some(pull) }));
+        Ok(())
+    })
+}
+
+/// A descriptor that is readable while events wait (level-triggered), for
+/// select/poll/epoll in the host's own loop. It also turns readable when the
+/// server has stopped and every event was taken (tf_server_poll then says
+/// TF_ERR_STOPPED). -1 for NULL, a callback-mode server, or a forked child.
+///
+/// **Thread:** any thread.
+/// **Ownership:** the library owns the descriptor: never read, write or
+/// close it; it is closed by tf_server_free().
+#[no_mangle]
+pub unsafe extern "C" fn tf_server_fd(srv: *const tf_server) -> std::ffi::c_int {
+    guard_or(-1, || {
+        // SAFETY: `srv` is NULL or a live tf_server.
+        let s = unsafe { server(srv)? };
+        s.inner.check_process()?;
+        let pull = s.pull.as_ref().ok_or_else(|| Error::invalid("not a pull-mode server"))?;
+        Ok(pull.fd())
+    })
+}
+
+/// Takes up to `max` waiting events into `events[0..]`, waiting up to
+/// `timeout_ms` for the first (0: don't wait, -1: forever), and sets
+/// `*count`. Returns TF_OK (with `*count` 0 on timeout); TF_ERR_STOPPED once
+/// the server has stopped and every event was taken; TF_ERR_INVALID for
+/// NULL pointers, `max` 0, or a callback-mode server.
+///
+/// **Thread:** any thread, one at a time per server.
+/// **Ownership:** data pointers in the events stay valid until the next
+/// tf_server_poll() on this server or tf_server_free().
+#[no_mangle]
+pub unsafe extern "C" fn tf_server_poll(
+    srv: *mut tf_server,
+    events: *mut tf_event,
+    max: usize,
+    count: *mut usize,
+    timeout_ms: i32,
+) -> i32 {
+    guard(|| {
+        // SAFETY: `srv` is NULL or a live tf_server; `count` NULL or writable.
+        let (s, count) = unsafe { (server(srv)?, arg_mut(count, "count")?) };
+        if events.is_null() || max == 0 {
+            return Err(Error::invalid("events is NULL or max is 0"));
+        }
+        if timeout_ms < -1 {
+            return Err(Error::invalid(format!("timeout_ms {timeout_ms} is out of range (-1, 0 or more)")));
+        }
+        s.inner.check_process()?;
+        let pull = s.pull.as_ref().ok_or_else(|| Error::invalid("not a pull-mode server"))?;
+        *count = 0;
+        let batch = pull.poll(max, timeout_ms)?;
+        // SAFETY: the caller provides room for `max` events at `events`, and
+        // the batch holds at most `max`.
+        let slots = unsafe { std::slice::from_raw_parts_mut(events, batch.len()) };
+        for (slot, ev) in slots.iter_mut().zip(batch.iter()) {
+            *slot = tf_event {
+                kind: ev.kind,
+                reason: ev.reason,
+                conn: ev.conn,
+                data: if ev.data.is_empty() { std::ptr::null() } else { ev.data.as_ptr() },
+                len: ev.len,
+            };
+        }
+        *count = batch.len();
+        Ok(())
+    })
+}

@@ -1,0 +1,278 @@
+//! tf_server in callback mode: start, port, send, close, stats, stop, free.
+
+use super::{arg_bytes, arg_mut, arg_ref, guard, guard_or, tf_config, tf_conn_id};
+use crate::config::Config;
+use crate::conn::CloseReason;
+use crate::error::{Error, Result};
+use crate::event_loop::Handler;
+use crate::pull::PullHost;
+use crate::server::Server;
+use std::ffi::{c_char, c_int, c_void};
+use std::time::Duration;
+
+/// Opaque running server. Create with tf_server_start() or
+/// tf_server_start_pull(); stop with tf_server_stop(); free with
+/// tf_server_free().
+pub struct tf_server {
+    pub(crate) inner: Server,
+    pub(crate) pull: Option<PullHost>,
+}
+
+/// The host's callbacks. All of them run on the server's loop thread, one
+/// at a time, never concurrently.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct tf_callbacks {
+    /// Passed back, untouched, as the first argument of every callback.
+    pub user_data: *mut c_void,
+    /// Optional (NULL: accept all). `peer` is text such as "127.0.0.1:50412"
+    /// or "[::1]:50412", valid during the call only. Return 0 to accept;
+    /// non-zero refuses: the connection is closed at once, counted in
+    /// connections_rejected, and no other callback names it.
+    pub on_connect:
+        Option<unsafe extern "C" fn(user_data: *mut c_void, conn: tf_conn_id, peer: *const c_char) -> c_int>,
+    /// Required. One call per complete inbound frame. `data` is valid during
+    /// the call only (copy what you keep); it may be NULL when len is 0.
+    pub on_message:
+        Option<unsafe extern "C" fn(user_data: *mut c_void, conn: tf_conn_id, data: *const u8, len: usize)>,
+    /// Optional. Exactly once for every accepted connection; after it no
+    /// callback names that connection again. `reason` is a TF_CLOSE_* value.
+    pub on_close: Option<unsafe extern "C" fn(user_data: *mut c_void, conn: tf_conn_id, reason: i32)>,
+}
+
+/// Counters of one server (tf_server_stats()).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct tf_stats {
+    pub connections_active: u64,
+    /// Total ever accepted (on_connect said yes).
+    pub connections_accepted: u64,
+    /// Over max connections, refused by on_connect, or dropped for lack of descriptors.
+    pub connections_rejected: u64,
+    pub frames_received: u64,
+    /// Frames fully written to their socket.
+    pub frames_sent: u64,
+    /// Every byte read from sockets, prefixes included.
+    pub bytes_received: u64,
+    /// Every byte written to sockets, prefixes included.
+    pub bytes_sent: u64,
+    pub closed_too_large: u64,
+    pub closed_idle: u64,
+}
+
+/// Calls the host's C functions.
+struct Callbacks {
+    cb: tf_callbacks,
+    peer: Vec<u8>,
+}
+
+// SAFETY: tf_server_start's contract: the callbacks and user_data may be
+// used from the loop thread. The library calls them from that thread only.
+unsafe impl Send for Callbacks {}
+
+impl Handler for Callbacks {
+    fn on_connect(&mut self, conn: u64, peer: &str) -> bool {
+        let Some(f) = self.cb.on_connect else { return true };
+        self.peer.clear();
+        self.peer.extend_from_slice(peer.as_bytes());
+        self.peer.push(0);
+        // SAFETY: the host's function, with a NUL-terminated string that
+        // lives until it returns.
+        unsafe { f(self.cb.user_data, conn, self.peer.as_ptr() as *const c_char) == 0 }
+    }
+
+    fn on_message(&mut self, conn: u64, data: &[u8]) {
+        if let Some(f) = self.cb.on_message {
+            let ptr = if data.is_empty() { std::ptr::null() } else { data.as_ptr() };
+            // SAFETY: the host's function, with `len` readable bytes at `ptr`
+            // that live until it returns.
+            unsafe { f(self.cb.user_data, conn, ptr, data.len()) }
+        }
+    }
+
+    fn on_close(&mut self, conn: u64, reason: CloseReason) {
+        if let Some(f) = self.cb.on_close {
+            // SAFETY: the host's function, called with plain values.
+            unsafe { f(self.cb.user_data, conn, reason as i32) }
+        }
+    }
+}
+
+pub(crate) fn config_or_default(cfg: *const tf_config) -> Config {
+    // SAFETY: `cfg` is NULL or a live tf_config (tf_server_start's contract).
+    match unsafe { cfg.as_ref() } {
+        Some(c) => c.inner.clone(),
+        None => Config::default(),
+    }
+}
+
+/// Starts a server: binds and listens before it returns (a busy or bad
+/// address is reported here: TF_ERR_IO or TF_ERR_INVALID, with the reason
+/// in tf_last_error()), then starts the loop thread. On success `*out` is
+/// the new server; on failure `*out` is left untouched.
+///
+/// `cfg` may be NULL (all defaults). `cb->on_message` is required.
+///
+/// **Thread:** any thread. Callbacks then run on the server's own thread.
+/// **Ownership:** `cfg` and `*cb` are copied: free them when you like. The
+/// caller owns `*out` and must release it with tf_server_free();
+/// `cb->user_data` must stay valid until tf_server_stop() has returned.
+#[no_mangle]
+pub unsafe extern "C" fn tf_server_start(
+    cfg: *const tf_config,
+    cb: *const tf_callbacks,
+    out: *mut *mut tf_server,
+) -> i32 {
+    guard(|| {
+        // SAFETY: `cb` is NULL or a live tf_callbacks; `out` NULL or writable.
+        let (cb, out) = unsafe { (arg_ref(cb, "cb")?, arg_mut(out, "out")?) };
+        if cb.on_message.is_none() {
+            return Err(Error::invalid("cb->on_message is NULL: it is required"));
+        }
+        let config = config_or_default(cfg);
+        let inner = Server::start(&config, Callbacks { cb: *cb, peer: Vec::new() })?;
+        *out = Box::into_raw(Box::new(tf_server { inner, pull: None }));
+        Ok(())
+    })
+}
+
+/// The server, or TF_ERR_INVALID for NULL.
+///
+/// # Safety
+/// `srv` is NULL or a live tf_server.
+pub(crate) unsafe fn server<'a>(srv: *const tf_server) -> Result<&'a tf_server> {
+    // SAFETY: forwarded from the caller.
+    unsafe { arg_ref(srv, "srv") }
+}
+
+/// The port the server is bound to (useful after asking for port 0);
+/// 0 for NULL or in a child process forked after the server started.
+///
+/// **Thread:** any thread.
+#[no_mangle]
+pub unsafe extern "C" fn tf_server_port(srv: *const tf_server) -> u16 {
+    guard_or(0, || {
+        // SAFETY: `srv` is NULL or a live tf_server.
+        let s = unsafe { server(srv)? };
+        s.inner.check_process()?;
+        Ok(s.inner.port())
+    })
+}
+
+/// Queues one frame for `conn`: the library adds the prefix and copies
+/// `data`. Frames sent to one connection from one thread go out in call
+/// order. A frame accepted for a connection that closes before it is
+/// written is dropped; on_close tells you. `data` may be NULL when len is 0.
+///
+/// Returns TF_OK; TF_ERR_STOPPED once stop has begun (it wins over the
+/// others); TF_ERR_TOO_LARGE if len > max frame; TF_ERR_NO_CONN for an
+/// unknown or closed id (or after tf_conn_close on it); TF_ERR_FULL if the
+/// connection's queued output would pass its limit (nothing was queued);
+/// TF_ERR_INVALID for NULL pointers.
+///
+/// **Thread:** any thread, including inside callbacks, where it takes no
+/// lock and makes no system call (frames are written once per loop pass).
+/// **Ownership:** `data` is copied before the call returns.
+#[no_mangle]
+pub unsafe extern "C" fn tf_send(srv: *mut tf_server, conn: tf_conn_id, data: *const u8, len: usize) -> i32 {
+    guard(|| {
+        // SAFETY: `srv` is NULL or a live tf_server.
+        let s = unsafe { server(srv)? };
+        s.inner.check_process()?;
+        if s.inner.shared().stopping.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::stopped());
+        }
+        // SAFETY: `data` is NULL or `len` readable bytes.
+        let payload = unsafe { arg_bytes(data, len, "data")? };
+        s.inner.send(conn, payload)
+    })
+}
+
+/// Stops reading from `conn`, writes what is already queued for it, then
+/// closes it; on_close(TF_CLOSE_LOCAL) follows on the loop thread. After
+/// it, tf_send on `conn` returns TF_ERR_NO_CONN, and so does a second
+/// tf_conn_close. TF_ERR_STOPPED once stop has begun.
+///
+/// **Thread:** any thread, including inside callbacks.
+#[no_mangle]
+pub unsafe extern "C" fn tf_conn_close(srv: *mut tf_server, conn: tf_conn_id) -> i32 {
+    guard(|| {
+        // SAFETY: `srv` is NULL or a live tf_server.
+        unsafe { server(srv)? }.inner.close(conn)
+    })
+}
+
+/// Copies the server's counters into `*out` (a consistent-enough snapshot).
+/// Counters change before the callback that reports an event runs.
+///
+/// **Thread:** any thread, including inside callbacks; also after stop.
+/// **Ownership:** `*out` is the caller's; written only on success.
+#[no_mangle]
+pub unsafe extern "C" fn tf_server_stats(srv: *const tf_server, out: *mut tf_stats) -> i32 {
+    guard(|| {
+        // SAFETY: `srv` is NULL or a live tf_server; `out` NULL or writable.
+        let (s, out) = unsafe { (server(srv)?, arg_mut(out, "out")?) };
+        let v = s.inner.stats()?;
+        *out = tf_stats {
+            connections_active: v.connections_active,
+            connections_accepted: v.connections_accepted,
+            connections_rejected: v.connections_rejected,
+            frames_received: v.frames_received,
+            frames_sent: v.frames_sent,
+            bytes_received: v.bytes_received,
+            bytes_sent: v.bytes_sent,
+            closed_too_large: v.closed_too_large,
+            closed_idle: v.closed_idle,
+        };
+        Ok(())
+    })
+}
+
+/// Stops the server: stops accepting and delivering messages, gives queued
+/// output up to `drain_ms` to be written, closes every connection
+/// (on_close(TF_CLOSE_SHUTDOWN) for each still open) and joins the loop
+/// thread. When it returns no callback will run again, so user_data may be
+/// freed. Idempotent (later calls return TF_OK at once).
+///
+/// Returns TF_ERR_INVALID when called from inside one of this server's
+/// callbacks (it would deadlock), TF_ERR_STOPPED in a forked child.
+///
+/// **Thread:** any thread except this server's callbacks.
+#[no_mangle]
+pub unsafe extern "C" fn tf_server_stop(srv: *mut tf_server, drain_ms: u32) -> i32 {
+    guard(|| {
+        // SAFETY: `srv` is NULL or a live tf_server.
+        unsafe { server(srv)? }.inner.stop(Duration::from_millis(drain_ms as u64))
+    })
+}
+
+/// Stops the server (drain 0) if it is still running, then frees it. NULL
+/// is fine. Called from inside one of its own callbacks, it stops the
+/// server without waiting and runs no further callback; the loop thread
+/// then ends on its own. In a child process forked after the server
+/// started, it frees nothing the parent uses (the memory is left as is).
+///
+/// **Thread:** any thread, once per server.
+/// **Ownership:** `srv` is invalid afterwards, and so are event data pointers.
+#[no_mangle]
+pub unsafe extern "C" fn tf_server_free(srv: *mut tf_server) {
+    guard(|| {
+        if srv.is_null() {
+            return Ok(());
+        }
+        // SAFETY: non-NULL pointers given here come from tf_server_start*
+        // (Box::into_raw) and are freed once, as documented.
+        let s = unsafe { Box::from_raw(srv) };
+        if s.inner.check_process().is_err() {
+            std::mem::forget(s); // the parent's server: touch nothing
+        } else if s.inner.in_callback() {
+            let tf_server { inner, pull } = *s;
+            drop(pull);
+            inner.abandon_from_callback();
+        } else {
+            let _ = s.inner.stop(Duration::ZERO);
+            drop(s);
+        }
+        Ok(())
+    });
+}

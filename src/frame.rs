@@ -1,0 +1,318 @@
+//! Pure framing: an incremental decoder that cuts a byte stream into frames
+//! (4-byte little-endian length + payload), and the matching encoder.
+//!
+//! The announced length is checked against the limit before a single byte is
+//! kept for it, so a hostile prefix costs nothing. Bytes are kept only for a
+//! frame that is split across reads; whole frames are handed out in place.
+
+/// Length of the default prefix: u32, little-endian, payload length only.
+pub const PREFIX_LEN: usize = 4;
+
+/// What the frame consumer wants next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Deliver nothing more from this input: the rest is dropped.
+    Stop,
+}
+
+/// The stream cannot be framed any further.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// A prefix announced a payload longer than the limit.
+    TooLarge { announced: u64, max: u32 },
+}
+
+/// Incremental decoder; one per connection.
+#[derive(Debug)]
+pub struct Decoder {
+    max_frame: u32,
+    /// Bytes of a frame split across reads: its prefix (or part of it) and
+    /// the payload received so far. Empty and unallocated between frames.
+    partial: Vec<u8>,
+}
+
+fn announced(prefix: &[u8]) -> u32 {
+    u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]])
+}
+
+impl Decoder {
+    pub fn new(max_frame: u32) -> Decoder {
+        Decoder { max_frame, partial: Vec::new() }
+    }
+
+    /// True when no partial frame is held (the stream is at a frame boundary).
+    pub fn at_boundary(&self) -> bool {
+        self.partial.is_empty()
+    }
+
+    /// Heap bytes held for a partial frame.
+    pub fn held_capacity(&self) -> usize {
+        self.partial.capacity()
+    }
+
+    fn check(&self, len: u32) -> Result<usize, DecodeError> {
+        if len > self.max_frame {
+            Err(DecodeError::TooLarge { announced: len as u64, max: self.max_frame })
+        } else {
+            Ok(len as usize)
+        }
+    }
+
+    /// Feeds the next bytes of the stream and calls `on_frame` with each
+    /// complete payload, in order. Stops early, dropping the rest of `input`,
+    /// when `on_frame` returns [`Flow::Stop`]. An oversize prefix is an error
+    /// as soon as its four bytes are known.
+    pub fn feed(
+        &mut self,
+        mut input: &[u8],
+        on_frame: &mut dyn FnMut(&[u8]) -> Flow,
+    ) -> Result<Flow, DecodeError> {
+        if !self.partial.is_empty() {
+            if self.partial.len() < PREFIX_LEN {
+                let take = (PREFIX_LEN - self.partial.len()).min(input.len());
+                self.partial.extend_from_slice(&input[..take]);
+                input = &input[take..];
+                if self.partial.len() < PREFIX_LEN {
+                    return Ok(Flow::Continue);
+                }
+            }
+            let total = PREFIX_LEN + self.check(announced(&self.partial))?;
+            let take = (total - self.partial.len()).min(input.len());
+            self.partial.extend_from_slice(&input[..take]);
+            input = &input[take..];
+            if self.partial.len() < total {
+                return Ok(Flow::Continue);
+            }
+            let frame = std::mem::take(&mut self.partial);
+            if on_frame(&frame[PREFIX_LEN..]) == Flow::Stop {
+                return Ok(Flow::Stop);
+            }
+        }
+        while input.len() >= PREFIX_LEN {
+            let len = self.check(announced(input))?;
+            if input.len() - PREFIX_LEN < len {
+                break;
+            }
+            let (frame, rest) = input[PREFIX_LEN..].split_at(len);
+            input = rest;
+            if on_frame(frame) == Flow::Stop {
+                return Ok(Flow::Stop);
+            }
+        }
+        if !input.is_empty() {
+            self.partial.extend_from_slice(input);
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Drops any partial frame and its memory.
+    pub fn clear(&mut self) {
+        self.partial = Vec::new();
+    }
+}
+
+/// Appends one frame (prefix + payload) to `out`. The caller has checked
+/// that `payload.len()` fits the prefix.
+pub fn encode_into(out: &mut Vec<u8>, payload: &[u8]) {
+    debug_assert!(payload.len() <= u32::MAX as usize);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Counts the frames of an encoded buffer that end at or before `written`,
+/// starting from the frame that begins at `*boundary`, and moves `*boundary`
+/// past them. Used to count frames fully written to a socket.
+pub fn frames_completed(buf: &[u8], boundary: &mut usize, written: usize) -> u64 {
+    let mut n = 0;
+    while *boundary + PREFIX_LEN <= buf.len() {
+        let end = *boundary + PREFIX_LEN + announced(&buf[*boundary..]) as usize;
+        if end > written {
+            break;
+        }
+        *boundary = end;
+        n += 1;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(frames: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for f in frames {
+            encode_into(&mut out, f);
+        }
+        out
+    }
+
+    fn decode_in_chunks(bytes: &[u8], cuts: &[usize], max: u32) -> Result<Vec<Vec<u8>>, DecodeError> {
+        let mut d = Decoder::new(max);
+        let mut got = Vec::new();
+        let mut start = 0;
+        for &cut in cuts.iter().chain(std::iter::once(&bytes.len())) {
+            d.feed(&bytes[start..cut], &mut |f| {
+                got.push(f.to_vec());
+                Flow::Continue
+            })?;
+            start = cut;
+        }
+        Ok(got)
+    }
+
+    /// xorshift64*: deterministic, dependency-free randomness for tests.
+    pub(crate) struct Rng(pub u64);
+    impl Rng {
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        pub fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn sample_frames() -> Vec<Vec<u8>> {
+        vec![vec![], b"a".to_vec(), b"hello".to_vec(), vec![7u8; 300], vec![], (0..=255u8).collect()]
+    }
+
+    #[test]
+    fn every_single_split_point_gives_the_same_frames() {
+        let frames = sample_frames();
+        let bytes = stream(&frames);
+        for cut in 0..=bytes.len() {
+            assert_eq!(decode_in_chunks(&bytes, &[cut], 1 << 20).unwrap(), frames, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn every_pair_of_split_points_gives_the_same_frames() {
+        let frames = vec![vec![], b"xy".to_vec(), vec![1u8; 9], vec![]];
+        let bytes = stream(&frames);
+        for a in 0..=bytes.len() {
+            for b in a..=bytes.len() {
+                assert_eq!(decode_in_chunks(&bytes, &[a, b], 64).unwrap(), frames);
+            }
+        }
+    }
+
+    #[test]
+    fn one_byte_at_a_time_gives_the_same_frames() {
+        let frames = sample_frames();
+        let bytes = stream(&frames);
+        let cuts: Vec<usize> = (1..bytes.len()).collect();
+        assert_eq!(decode_in_chunks(&bytes, &cuts, 1 << 20).unwrap(), frames);
+    }
+
+    #[test]
+    fn random_streams_in_random_splits_give_the_same_frames() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for _ in 0..500 {
+            let n = rng.below(20) as usize;
+            let frames: Vec<Vec<u8>> = (0..n)
+                .map(|_| {
+                    let len = if rng.below(4) == 0 { rng.below(5000) } else { rng.below(40) };
+                    (0..len).map(|_| rng.next() as u8).collect()
+                })
+                .collect();
+            let bytes = stream(&frames);
+            let mut cuts: Vec<usize> =
+                (0..rng.below(12)).map(|_| rng.below(bytes.len() as u64 + 1) as usize).collect();
+            cuts.sort_unstable();
+            assert_eq!(decode_in_chunks(&bytes, &cuts, 1 << 16).unwrap(), frames);
+        }
+    }
+
+    #[test]
+    fn zero_length_frames_are_delivered_as_empty_payloads() {
+        let bytes = [0u8; 12];
+        let got = decode_in_chunks(&bytes, &[], 10).unwrap();
+        assert_eq!(got, vec![Vec::<u8>::new(); 3]);
+    }
+
+    #[test]
+    fn a_frame_of_exactly_max_is_accepted() {
+        let frames = vec![vec![9u8; 100]];
+        assert_eq!(decode_in_chunks(&stream(&frames), &[50], 100).unwrap(), frames);
+    }
+
+    #[test]
+    fn an_oversize_prefix_is_rejected_before_anything_is_kept() {
+        let mut d = Decoder::new(100);
+        let r = d.feed(&101u32.to_le_bytes(), &mut |_| Flow::Continue);
+        assert_eq!(r, Err(DecodeError::TooLarge { announced: 101, max: 100 }));
+        assert_eq!(d.held_capacity(), 0);
+    }
+
+    #[test]
+    fn an_all_ones_prefix_is_rejected_without_allocating_even_when_split() {
+        let mut d = Decoder::new(8 << 20);
+        assert_eq!(d.feed(&[0xFF, 0xFF], &mut |_| Flow::Continue), Ok(Flow::Continue));
+        assert!(d.held_capacity() < 64, "only the prefix bytes are kept");
+        let r = d.feed(&[0xFF, 0xFF, 1, 2, 3], &mut |_| Flow::Continue);
+        assert_eq!(r, Err(DecodeError::TooLarge { announced: 0xFFFF_FFFF, max: 8 << 20 }));
+        assert!(d.held_capacity() < 64);
+    }
+
+    #[test]
+    fn frames_before_an_oversize_prefix_are_still_delivered() {
+        let mut bytes = stream(&[b"ok".to_vec()]);
+        bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+        let mut got = Vec::new();
+        let r = Decoder::new(10).feed(&bytes, &mut |f| {
+            got.push(f.to_vec());
+            Flow::Continue
+        });
+        assert!(r.is_err());
+        assert_eq!(got, vec![b"ok".to_vec()]);
+    }
+
+    #[test]
+    fn stop_drops_the_rest_of_the_input() {
+        let bytes = stream(&sample_frames());
+        let mut seen = 0;
+        let r = Decoder::new(1 << 20).feed(&bytes, &mut |_| {
+            seen += 1;
+            if seen == 2 {
+                Flow::Stop
+            } else {
+                Flow::Continue
+            }
+        });
+        assert_eq!(r, Ok(Flow::Stop));
+        assert_eq!(seen, 2);
+    }
+
+    #[test]
+    fn the_partial_buffer_is_released_once_the_frame_completes() {
+        let bytes = stream(&[vec![5u8; 10_000]]);
+        let mut d = Decoder::new(1 << 20);
+        d.feed(&bytes[..6000], &mut |_| Flow::Continue).unwrap();
+        assert!(!d.at_boundary());
+        let mut n = 0;
+        d.feed(&bytes[6000..], &mut |f| {
+            assert_eq!(f.len(), 10_000);
+            n += 1;
+            Flow::Continue
+        })
+        .unwrap();
+        assert_eq!(n, 1);
+        assert!(d.at_boundary());
+        assert_eq!(d.held_capacity(), 0);
+    }
+
+    #[test]
+    fn frames_completed_counts_only_whole_frames() {
+        let buf = stream(&[vec![1u8; 3], vec![], vec![2u8; 5]]); // 7 + 4 + 9 = 20 bytes
+        let mut b = 0;
+        assert_eq!(frames_completed(&buf, &mut b, 6), 0);
+        assert_eq!(frames_completed(&buf, &mut b, 7), 1);
+        assert_eq!(frames_completed(&buf, &mut b, 19), 1);
+        assert_eq!(frames_completed(&buf, &mut b, 20), 1);
+        assert_eq!(b, 20);
+    }
+}

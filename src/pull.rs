@@ -1,0 +1,210 @@
+//! Pull mode: the loop queues events instead of calling back, and the host
+//! takes them with tf_server_poll on its own thread. The queue is bounded:
+//! when it is full the loop stops reading sockets (TCP backpressure).
+
+use crate::conn::CloseReason;
+use crate::error::{Error, Result};
+use crate::event_loop::Handler;
+use crate::server::Shared;
+use crate::sys::Waker;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+pub const EVENT_CONNECT: i32 = 1;
+pub const EVENT_MESSAGE: i32 = 2;
+pub const EVENT_CLOSE: i32 = 3;
+
+/// Reading pauses once this many events wait for the host...
+pub const MAX_EVENTS: usize = 4096;
+/// ...or this many payload bytes (plus at most one read's worth of frames).
+pub const MAX_BYTES: usize = 16 << 20;
+
+/// One event as the host receives it. For CONNECT, `data` holds the peer
+/// text and a NUL, and `len` excludes the NUL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PulledEvent {
+    pub kind: i32,
+    pub reason: i32,
+    pub conn: u64,
+    pub data: Vec<u8>,
+    pub len: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    events: VecDeque<PulledEvent>,
+    bytes: usize,
+    /// The loop has ended: nothing more will come.
+    finished: bool,
+}
+
+impl Queue {
+    fn over_bound(&self) -> bool {
+        self.events.len() >= MAX_EVENTS || self.bytes >= MAX_BYTES
+    }
+}
+
+/// Between the loop (producer) and the host (consumer).
+pub struct EventQueue {
+    queue: Mutex<Queue>,
+    arrived: Condvar,
+    /// Readable while events wait: for the host's select/poll/epoll.
+    signal: Waker,
+}
+
+impl EventQueue {
+    pub fn new() -> std::io::Result<Arc<EventQueue>> {
+        Ok(Arc::new(EventQueue { queue: Mutex::default(), arrived: Condvar::new(), signal: Waker::new()? }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.signal.fd()
+    }
+}
+
+/// The loop's side: collects events during an iteration and hands them over
+/// under one lock at its end.
+pub struct PullHandler {
+    queue: Arc<EventQueue>,
+    batch: Vec<PulledEvent>,
+    batch_bytes: usize,
+    /// The queue's size at the last look, to decide without locking.
+    seen_events: usize,
+    seen_bytes: usize,
+}
+
+impl PullHandler {
+    pub fn new(queue: Arc<EventQueue>) -> PullHandler {
+        PullHandler { queue, batch: Vec::new(), batch_bytes: 0, seen_events: 0, seen_bytes: 0 }
+    }
+
+    fn push(&mut self, kind: i32, reason: i32, conn: u64, data: Vec<u8>, len: usize) {
+        self.batch_bytes += data.len();
+        self.batch.push(PulledEvent { kind, reason, conn, data, len });
+    }
+
+    fn hand_over(&mut self) {
+        let mut q = self.queue.lock();
+        if !self.batch.is_empty() {
+            let was_empty = q.events.is_empty();
+            q.events.extend(self.batch.drain(..));
+            q.bytes += self.batch_bytes;
+            self.batch_bytes = 0;
+            if was_empty {
+                self.queue.signal.set();
+            }
+            self.queue.arrived.notify_all();
+        }
+        self.seen_events = q.events.len();
+        self.seen_bytes = q.bytes;
+    }
+}
+
+impl Handler for PullHandler {
+    fn on_connect(&mut self, conn: u64, peer: &str) -> bool {
+        let mut data = Vec::with_capacity(peer.len() + 1);
+        data.extend_from_slice(peer.as_bytes());
+        data.push(0);
+        self.push(EVENT_CONNECT, 0, conn, data, peer.len());
+        true
+    }
+
+    fn on_message(&mut self, conn: u64, payload: &[u8]) {
+        self.push(EVENT_MESSAGE, 0, conn, payload.to_vec(), payload.len());
+    }
+
+    fn on_close(&mut self, conn: u64, reason: CloseReason) {
+        self.push(EVENT_CLOSE, reason as i32, conn, Vec::new(), 0);
+    }
+
+    fn wants_input(&mut self) -> bool {
+        let within = |e: usize, b: usize| e < MAX_EVENTS && b < MAX_BYTES;
+        if within(self.seen_events + self.batch.len(), self.seen_bytes + self.batch_bytes) {
+            return true;
+        }
+        // Over the bound at the last look: the host may have drained since.
+        let q = self.queue.lock();
+        self.seen_events = q.events.len();
+        self.seen_bytes = q.bytes;
+        drop(q);
+        within(self.seen_events + self.batch.len(), self.seen_bytes + self.batch_bytes)
+    }
+
+    fn end_of_iteration(&mut self) {
+        if !self.batch.is_empty() {
+            self.hand_over();
+        }
+    }
+}
+
+impl Drop for PullHandler {
+    fn drop(&mut self) {
+        self.hand_over();
+        let mut q = self.queue.lock();
+        q.finished = true;
+        self.queue.signal.set(); // readable: the host learns the end by polling
+        self.queue.arrived.notify_all();
+        drop(q);
+    }
+}
+
+/// The host's side of a pull-mode server.
+pub struct PullHost {
+    queue: Arc<EventQueue>,
+    loop_shared: Arc<Shared>,
+    /// The events handed out by the last poll; their data lives until the next.
+    last: Mutex<Vec<PulledEvent>>,
+}
+
+impl PullHost {
+    pub fn new(queue: Arc<EventQueue>, loop_shared: Arc<Shared>) -> PullHost {
+        PullHost { queue, loop_shared, last: Mutex::new(Vec::new()) }
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.queue.fd()
+    }
+
+    /// Takes up to `max` events, waiting up to `timeout_ms` (-1: forever) for
+    /// the first. The returned batch stays valid until the next call.
+    /// Err(Stopped) once the server has stopped and every event was taken.
+    pub fn poll(&self, max: usize, timeout_ms: i32) -> Result<MutexGuard<'_, Vec<PulledEvent>>> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.clear();
+        let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
+        let mut q = self.queue.lock();
+        while q.events.is_empty() && !q.finished && timeout_ms != 0 {
+            q = match deadline {
+                None => self.queue.arrived.wait(q).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    self.queue.arrived.wait_timeout(q, left).unwrap_or_else(|p| p.into_inner()).0
+                }
+            };
+        }
+        if q.events.is_empty() && q.finished {
+            return Err(Error::stopped());
+        }
+        let was_over = q.over_bound();
+        let n = max.min(q.events.len());
+        last.extend(q.events.drain(..n));
+        q.bytes -= last.iter().map(|ev| ev.data.len()).sum::<usize>();
+        if q.events.is_empty() && !q.finished {
+            self.queue.signal.reset();
+        }
+        let resume = was_over && !q.over_bound();
+        drop(q);
+        if resume {
+            self.loop_shared.wake(); // the loop re-checks and reads again
+        }
+        Ok(last)
+    }
+}
