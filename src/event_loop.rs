@@ -52,8 +52,11 @@ pub trait Handler {
     fn wants_input(&mut self) -> bool {
         true
     }
-    /// Called once per loop iteration, before the loop sleeps.
-    fn end_of_iteration(&mut self) {}
+    /// Called once per loop iteration, before the loop sleeps; `paused`
+    /// says that some connection is not read because wants_input said no.
+    fn end_of_iteration(&mut self, paused: bool) {
+        let _ = paused;
+    }
 }
 
 /// The loop's connection table and write side. Borrowed only between
@@ -291,32 +294,48 @@ pub fn local_close(shared: &Shared, id: u64) -> Option<Result<()>> {
     with_local(shared, |st| st.close(id))
 }
 
-/// Rate-limited diagnostics for the host's log.
-struct Logger {
-    sink: Option<LogSink>,
-    window: Instant,
+/// What a diagnostic is about. Each kind has its own rate limit, so that a
+/// flood of one (over-limit connections, say) cannot hide another.
+#[derive(Clone, Copy)]
+enum Topic {
+    Lifecycle = 0,
+    Accept,
+    Limit,
+    Frame,
+    Close,
+    Internal,
+}
+
+#[derive(Default)]
+struct Bucket {
+    window: Option<Instant>,
     written: u32,
     suppressed: u64,
 }
 
+/// Rate-limited diagnostics for the host's log.
+struct Logger {
+    sink: Option<LogSink>,
+    buckets: [Bucket; 6],
+}
+
 impl Logger {
-    fn log(&mut self, level: LogLevel, msg: impl FnOnce() -> String) {
+    fn log(&mut self, topic: Topic, level: LogLevel, msg: impl FnOnce() -> String) {
         let Some(sink) = &self.sink else { return };
         let now = Instant::now();
-        if now.duration_since(self.window) >= Duration::from_secs(1) {
-            if self.suppressed > 0 {
-                let note = format!("tcpframe: {} log messages suppressed (rate limit)", self.suppressed);
+        let b = &mut self.buckets[topic as usize];
+        if b.window.is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1)) {
+            if b.suppressed > 0 {
+                let note = format!("tcpframe: {} similar log messages suppressed (rate limit)", b.suppressed);
                 sink(LogLevel::Warn, &note);
             }
-            self.window = now;
-            self.written = 0;
-            self.suppressed = 0;
+            *b = Bucket { window: Some(now), written: 0, suppressed: 0 };
         }
-        if self.written >= LOG_PER_SECOND {
-            self.suppressed += 1;
+        if b.written >= LOG_PER_SECOND {
+            b.suppressed += 1;
             return;
         }
-        self.written += 1;
+        b.written += 1;
         sink(level, &msg());
     }
 }
@@ -421,13 +440,15 @@ impl<H: Handler> Starter<H> {
             accept_paused_until: None,
             shutdown_deadline: None,
             paused: Vec::new(),
-            log: Logger { sink: self.log, window: Instant::now(), written: 0, suppressed: 0 },
+            log: Logger { sink: self.log, buckets: Default::default() },
         };
         CURRENT.with(|c| {
             *c.borrow_mut() = Some(Link { shared: Arc::as_ptr(&lp.shared), state });
         });
         let (local, backend) = (lp.local, lp.backend);
-        lp.log.log(LogLevel::Info, || format!("tcpframe: listening on {local} ({backend:?} backend)"));
+        lp.log.log(Topic::Lifecycle, LogLevel::Info, || {
+            format!("tcpframe: listening on {local} ({backend:?} backend)")
+        });
         lp.run();
         CURRENT.with(|c| c.borrow_mut().take());
     }
@@ -438,7 +459,7 @@ impl<H: Handler> EventLoop<H> {
         loop {
             let timeout = self.next_timeout();
             if let Err(e) = self.poller.wait(&mut self.events, timeout) {
-                self.log.log(LogLevel::Error, || format!("tcpframe: wait failed: {e}"));
+                self.log.log(Topic::Internal, LogLevel::Error, || format!("tcpframe: wait failed: {e}"));
                 std::thread::sleep(Duration::from_millis(10)); // never spin on a broken poller
             }
             let now = Instant::now();
@@ -462,15 +483,15 @@ impl<H: Handler> EventLoop<H> {
                 self.guarded(None, |lp| lp.accept_burst(now));
             }
             self.resume_accept(now);
-            self.resume_paused();
             self.expire_idle(now);
             self.flush();
             self.close_phase(now);
-            self.handler.end_of_iteration();
+            self.handler.end_of_iteration(!self.paused.is_empty());
+            self.resume_paused();
             if let Some(deadline) = self.shutdown_deadline {
                 if self.state.borrow().len() == 0 || Instant::now() >= deadline {
                     self.close_all();
-                    self.handler.end_of_iteration();
+                    self.handler.end_of_iteration(false);
                     return;
                 }
             }
@@ -481,7 +502,9 @@ impl<H: Handler> EventLoop<H> {
     /// into a closed connection (or a log line): the loop goes on.
     fn guarded(&mut self, slot: Option<u32>, f: impl FnOnce(&mut Self)) {
         if catch_unwind(AssertUnwindSafe(|| f(self))).is_err() {
-            self.log.log(LogLevel::Error, || "tcpframe: internal error (panic) caught in the loop".into());
+            self.log.log(Topic::Internal, LogLevel::Error, || {
+                "tcpframe: internal error (panic) caught in the loop".into()
+            });
             if let (Some(slot), Ok(mut st)) = (slot, self.state.try_borrow_mut()) {
                 st.mark_closing(slot, CloseReason::Io);
             }
@@ -521,7 +544,9 @@ impl<H: Handler> EventLoop<H> {
             let fd = sys::raw(&c.fd);
             if let Err(e) = self.poller.modify(fd, slot as usize + FIRST_CONN, want) {
                 drop(st);
-                self.log.log(LogLevel::Error, || format!("tcpframe: cannot watch a connection: {e}"));
+                self.log.log(Topic::Internal, LogLevel::Error, || {
+                    format!("tcpframe: cannot watch a connection: {e}")
+                });
                 self.state.borrow_mut().mark_closing(slot, CloseReason::Io);
             }
         }
@@ -640,7 +665,8 @@ impl<H: Handler> EventLoop<H> {
             st.mark_closing(slot, reason);
             drop(st);
             let level = if reason == CloseReason::TooLarge { LogLevel::Warn } else { LogLevel::Info };
-            self.log.log(level, || format!("tcpframe: connection {id} closed: {why}"));
+            let topic = if reason == CloseReason::TooLarge { Topic::Frame } else { Topic::Close };
+            self.log.log(topic, level, || format!("tcpframe: connection {id} closed: {why}"));
         } else {
             drop(st);
         }
@@ -713,7 +739,7 @@ impl<H: Handler> EventLoop<H> {
         self.spare_fd = File::open("/dev/null").ok();
         if shed {
             bump(&self.shared.stats.connections_rejected, 1);
-            self.log.log(LogLevel::Warn, || {
+            self.log.log(Topic::Accept, LogLevel::Warn, || {
                 format!("tcpframe: out of file descriptors ({err}): a new connection was closed")
             });
         }
@@ -725,7 +751,7 @@ impl<H: Handler> EventLoop<H> {
             let _ = self.poller.modify(sys::raw(l), LISTENER, Interest::NONE);
         }
         self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
-        self.log.log(LogLevel::Warn, || {
+        self.log.log(Topic::Accept, LogLevel::Warn, || {
             format!("tcpframe: accept failed ({err}); pausing accepts for {} ms", ACCEPT_BACKOFF.as_millis())
         });
     }
@@ -748,7 +774,7 @@ impl<H: Handler> EventLoop<H> {
             drop(a);
             bump(&stats.connections_rejected, 1);
             let max = self.max_connections;
-            self.log.log(LogLevel::Warn, || {
+            self.log.log(Topic::Limit, LogLevel::Warn, || {
                 format!("tcpframe: max connections ({max}) reached: a new connection was closed")
             });
             return;
@@ -763,7 +789,9 @@ impl<H: Handler> EventLoop<H> {
         if let Err(e) = self.poller.add(fd, slot as usize + FIRST_CONN, Interest::READ) {
             self.state.borrow_mut().remove(slot);
             bump(&stats.connections_rejected, 1);
-            self.log.log(LogLevel::Error, || format!("tcpframe: cannot watch a new connection: {e}"));
+            self.log.log(Topic::Internal, LogLevel::Error, || {
+                format!("tcpframe: cannot watch a new connection: {e}")
+            });
             return;
         }
         self.shared.lock_inbox().registry.insert(id, cshared);
@@ -864,7 +892,9 @@ impl<H: Handler> EventLoop<H> {
             }
         }
         for id in expired {
-            self.log.log(LogLevel::Info, || format!("tcpframe: connection {id} closed: idle timeout"));
+            self.log.log(Topic::Close, LogLevel::Info, || {
+                format!("tcpframe: connection {id} closed: idle timeout")
+            });
         }
     }
 

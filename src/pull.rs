@@ -37,6 +37,8 @@ struct Queue {
     bytes: usize,
     /// The loop has ended: nothing more will come.
     finished: bool,
+    /// The loop stopped reading for want of room: wake it once there is.
+    producer_waiting: bool,
 }
 
 impl Queue {
@@ -88,8 +90,9 @@ impl PullHandler {
         self.batch.push(PulledEvent { kind, reason, conn, data, len });
     }
 
-    fn hand_over(&mut self) {
+    fn hand_over(&mut self, paused: bool) {
         let mut q = self.queue.lock();
+        q.producer_waiting = paused;
         if !self.batch.is_empty() {
             let was_empty = q.events.is_empty();
             q.events.extend(self.batch.drain(..));
@@ -135,16 +138,16 @@ impl Handler for PullHandler {
         within(self.seen_events + self.batch.len(), self.seen_bytes + self.batch_bytes)
     }
 
-    fn end_of_iteration(&mut self) {
-        if !self.batch.is_empty() {
-            self.hand_over();
+    fn end_of_iteration(&mut self, paused: bool) {
+        if !self.batch.is_empty() || paused {
+            self.hand_over(paused);
         }
     }
 }
 
 impl Drop for PullHandler {
     fn drop(&mut self) {
-        self.hand_over();
+        self.hand_over(false);
         let mut q = self.queue.lock();
         q.finished = true;
         self.queue.signal.set(); // readable: the host learns the end by polling
@@ -193,14 +196,18 @@ impl PullHost {
         if q.events.is_empty() && q.finished {
             return Err(Error::stopped());
         }
-        let was_over = q.over_bound();
         let n = max.min(q.events.len());
         last.extend(q.events.drain(..n));
         q.bytes -= last.iter().map(|ev| ev.data.len()).sum::<usize>();
         if q.events.is_empty() && !q.finished {
             self.queue.signal.reset();
         }
-        let resume = was_over && !q.over_bound();
+        // Set under this lock by the loop when it paused: whichever of the
+        // two looks last sees the other's change, so no wake-up is lost.
+        let resume = q.producer_waiting && !q.over_bound();
+        if resume {
+            q.producer_waiting = false;
+        }
         drop(q);
         if resume {
             self.loop_shared.wake(); // the loop re-checks and reads again

@@ -1,0 +1,413 @@
+//! Test harness: drives the library through its `extern "C"` functions, as a
+//! C host would, and talks to it over real sockets on 127.0.0.1.
+#![allow(dead_code)]
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+pub use tcpframe::ffi::*;
+
+/// Generous bound for any single wait: tests fail instead of hanging.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// TCPFRAME_TEST_BACKEND=poll|epoll runs the whole suite on one backend.
+pub fn backend_from_env() -> i32 {
+    match std::env::var("TCPFRAME_TEST_BACKEND").as_deref() {
+        Ok("poll") => TF_BACKEND_POLL,
+        Ok("epoll") => TF_BACKEND_EPOLL,
+        _ => TF_BACKEND_AUTO,
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ev {
+    Connect(u64, String),
+    Message(u64, Vec<u8>),
+    Close(u64, i32),
+}
+
+/// What the callbacks do besides recording.
+#[derive(Default)]
+pub struct Behaviour {
+    pub echo: AtomicBool,
+    pub refuse: AtomicBool,
+    /// Record message payloads (off for big loads, to save memory).
+    pub record_messages: AtomicBool,
+    /// Call tf_server_stop from on_message and store its result here.
+    pub stop_in_callback: AtomicBool,
+    pub stop_result: Mutex<Option<i32>>,
+    /// Call tf_conn_close on the sender after each message.
+    pub close_after_message: AtomicBool,
+    /// Call tf_send(conn, b"hi") from on_connect.
+    pub greet: AtomicBool,
+}
+
+pub struct Recorder {
+    pub events: Mutex<Vec<Ev>>,
+    pub changed: Condvar,
+    pub srv: AtomicPtr<tf_server>,
+    pub behaviour: Behaviour,
+    pub messages: AtomicU64,
+    pub closes: AtomicU64,
+    pub stats_at_close: Mutex<Vec<tf_stats>>,
+}
+
+impl Recorder {
+    pub fn empty() -> Recorder {
+        Recorder {
+            events: Mutex::new(Vec::new()),
+            changed: Condvar::new(),
+            srv: AtomicPtr::new(std::ptr::null_mut()),
+            behaviour: Behaviour::default(),
+            messages: AtomicU64::new(0),
+            closes: AtomicU64::new(0),
+            stats_at_close: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn push(&self, ev: Ev) {
+        self.events.lock().unwrap().push(ev);
+        self.changed.notify_all();
+    }
+
+    /// Waits until `pred` holds over the events, or panics after WAIT.
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&[Ev]) -> bool) {
+        let deadline = Instant::now() + WAIT;
+        let mut evs = self.events.lock().unwrap();
+        while !pred(&evs) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "timed out waiting for {what}; events: {:?}", short(&evs));
+            evs = self.changed.wait_timeout(evs, left).unwrap().0;
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<Ev> {
+        self.events.lock().unwrap().clone()
+    }
+
+    pub fn connects(&self) -> Vec<u64> {
+        self.snapshot()
+            .into_iter()
+            .filter_map(|e| if let Ev::Connect(c, _) = e { Some(c) } else { None })
+            .collect()
+    }
+
+    pub fn closes_of(&self, conn: u64) -> Vec<i32> {
+        self.snapshot()
+            .into_iter()
+            .filter_map(|e| if let Ev::Close(c, r) = e { (c == conn).then_some(r) } else { None })
+            .collect()
+    }
+
+    /// Waits for the close of `conn` and returns its reason.
+    pub fn wait_close(&self, conn: u64) -> i32 {
+        self.wait_for("on_close", |e| e.iter().any(|e| matches!(e, Ev::Close(c, _) if *c == conn)));
+        self.closes_of(conn)[0]
+    }
+
+    pub fn wait_connect(&self, n: usize) -> Vec<u64> {
+        self.wait_for("on_connect", |e| e.iter().filter(|e| matches!(e, Ev::Connect(..))).count() >= n);
+        self.connects()
+    }
+}
+
+fn short(evs: &[Ev]) -> Vec<String> {
+    evs.iter()
+        .rev()
+        .take(20)
+        .map(|e| match e {
+            Ev::Message(c, d) => format!("Message({c}, {} bytes)", d.len()),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+fn rec<'a>(user: *mut c_void) -> &'a Recorder {
+    // SAFETY: user_data is the Box<Recorder> owned by the TestServer, which
+    // outlives the server's loop thread (freed only after stop).
+    unsafe { &*(user as *const Recorder) }
+}
+
+unsafe extern "C" fn on_connect(user: *mut c_void, conn: u64, peer: *const c_char) -> c_int {
+    let r = rec(user);
+    // SAFETY: the library passes a NUL-terminated string valid during the call.
+    let peer = unsafe { CStr::from_ptr(peer) }.to_string_lossy().into_owned();
+    if r.behaviour.refuse.load(Ordering::SeqCst) {
+        return 1;
+    }
+    if r.behaviour.greet.load(Ordering::SeqCst) {
+        // SAFETY: srv is the live server whose callback this is.
+        let rc = unsafe { tf_send(r.srv.load(Ordering::SeqCst), conn, b"hi".as_ptr(), 2) };
+        assert_eq!(rc, TF_OK);
+    }
+    r.push(Ev::Connect(conn, peer));
+    0
+}
+
+unsafe extern "C" fn on_message(user: *mut c_void, conn: u64, data: *const u8, len: usize) {
+    let r = rec(user);
+    let payload: &[u8] = if len == 0 {
+        &[]
+    } else {
+        // SAFETY: the library passes `len` readable bytes valid during the call.
+        unsafe { std::slice::from_raw_parts(data, len) }
+    };
+    let srv = r.srv.load(Ordering::SeqCst);
+    r.messages.fetch_add(1, Ordering::SeqCst);
+    if r.behaviour.echo.load(Ordering::SeqCst) {
+        // SAFETY: srv is the live server whose callback this is.
+        let rc = unsafe { tf_send(srv, conn, data, len) };
+        assert!(rc == TF_OK || rc == TF_ERR_FULL || rc == TF_ERR_NO_CONN, "tf_send in callback: {rc}");
+    }
+    if r.behaviour.stop_in_callback.load(Ordering::SeqCst) {
+        // SAFETY: srv is live; the library must refuse, not deadlock.
+        let rc = unsafe { tf_server_stop(srv, 0) };
+        *r.behaviour.stop_result.lock().unwrap() = Some(rc);
+    }
+    if r.behaviour.close_after_message.load(Ordering::SeqCst) {
+        // SAFETY: srv is live.
+        unsafe { tf_conn_close(srv, conn) };
+    }
+    if r.behaviour.record_messages.load(Ordering::SeqCst) {
+        r.push(Ev::Message(conn, payload.to_vec()));
+    } else {
+        r.changed.notify_all();
+    }
+}
+
+unsafe extern "C" fn on_close(user: *mut c_void, conn: u64, reason: i32) {
+    let r = rec(user);
+    let mut st = tf_stats::default();
+    // SAFETY: srv is live during its callbacks.
+    unsafe { tf_server_stats(r.srv.load(Ordering::SeqCst), &mut st) };
+    r.stats_at_close.lock().unwrap().push(st);
+    r.closes.fetch_add(1, Ordering::SeqCst);
+    r.push(Ev::Close(conn, reason));
+}
+
+/// Builder for a server under test.
+pub struct Opts {
+    pub addr: String,
+    pub max_connections: Option<u32>,
+    pub max_frame: Option<u32>,
+    pub idle_ms: Option<u32>,
+    pub max_queued: Option<u64>,
+    pub echo: bool,
+    pub record: bool,
+    pub backend: i32,
+}
+
+impl Default for Opts {
+    fn default() -> Opts {
+        Opts {
+            addr: "127.0.0.1:0".into(),
+            max_connections: None,
+            max_frame: None,
+            idle_ms: None,
+            max_queued: None,
+            echo: true,
+            record: true,
+            backend: backend_from_env(),
+        }
+    }
+}
+
+pub struct TestServer {
+    pub srv: *mut tf_server,
+    pub rec: Box<Recorder>,
+    pub port: u16,
+    pub addr: SocketAddr,
+    stopped: bool,
+}
+
+// SAFETY: the server handle may be used from any thread (the C contract).
+unsafe impl Send for TestServer {}
+unsafe impl Sync for TestServer {}
+
+pub fn config(o: &Opts) -> *mut tf_config {
+    let cfg = tf_config_new();
+    assert!(!cfg.is_null());
+    let addr = CString::new(o.addr.clone()).unwrap();
+    // SAFETY: cfg is live; strings are NUL-terminated.
+    unsafe {
+        assert_eq!(tf_config_set_address(cfg, addr.as_ptr()), TF_OK);
+        if let Some(n) = o.max_connections {
+            assert_eq!(tf_config_set_max_connections(cfg, n), TF_OK);
+        }
+        if let Some(n) = o.max_frame {
+            assert_eq!(tf_config_set_max_frame(cfg, n), TF_OK);
+        }
+        if let Some(n) = o.idle_ms {
+            assert_eq!(tf_config_set_idle_timeout_ms(cfg, n), TF_OK);
+        }
+        if let Some(n) = o.max_queued {
+            assert_eq!(tf_config_set_max_queued_output(cfg, n), TF_OK);
+        }
+        assert_eq!(tf_config_set_backend(cfg, o.backend), TF_OK);
+    }
+    cfg
+}
+
+pub fn last_error() -> String {
+    // SAFETY: tf_last_error never returns NULL.
+    unsafe { CStr::from_ptr(tf_last_error()) }.to_string_lossy().into_owned()
+}
+
+impl TestServer {
+    pub fn start(o: Opts) -> TestServer {
+        let rec = Box::new(Recorder::empty());
+        rec.behaviour.echo.store(o.echo, Ordering::SeqCst);
+        rec.behaviour.record_messages.store(o.record, Ordering::SeqCst);
+        let cb = tf_callbacks {
+            user_data: &*rec as *const Recorder as *mut c_void,
+            on_connect: Some(on_connect),
+            on_message: Some(on_message),
+            on_close: Some(on_close),
+        };
+        let cfg = config(&o);
+        let mut srv: *mut tf_server = std::ptr::null_mut();
+        // SAFETY: cfg, cb and srv are live.
+        let rc = unsafe { tf_server_start(cfg, &cb, &mut srv) };
+        // SAFETY: cfg came from tf_config_new.
+        unsafe { tf_config_free(cfg) };
+        assert_eq!(rc, TF_OK, "tf_server_start: {}", last_error());
+        rec.srv.store(srv, Ordering::SeqCst);
+        // SAFETY: srv is live.
+        let port = unsafe { tf_server_port(srv) };
+        assert_ne!(port, 0);
+        let ip = o.addr.rsplit_once(':').unwrap().0.trim_matches(|c| c == '[' || c == ']').to_string();
+        let addr = SocketAddr::new(ip.parse().unwrap(), port);
+        TestServer { srv, rec, port, addr, stopped: false }
+    }
+
+    pub fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect_timeout(&self.addr, WAIT).expect("connect");
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.set_write_timeout(Some(WAIT)).unwrap();
+        s.set_nodelay(true).unwrap();
+        s
+    }
+
+    /// Connects and waits for on_connect; returns the stream and its id.
+    pub fn connect_id(&self) -> (TcpStream, u64) {
+        let before = self.rec.connects().len();
+        let s = self.connect();
+        let ids = self.rec.wait_connect(before + 1);
+        (s, ids[before])
+    }
+
+    pub fn send(&self, conn: u64, data: &[u8]) -> i32 {
+        // SAFETY: srv is live until drop.
+        unsafe { tf_send(self.srv, conn, data.as_ptr(), data.len()) }
+    }
+
+    pub fn close(&self, conn: u64) -> i32 {
+        // SAFETY: srv is live until drop.
+        unsafe { tf_conn_close(self.srv, conn) }
+    }
+
+    pub fn stats(&self) -> tf_stats {
+        let mut st = tf_stats::default();
+        // SAFETY: srv is live until drop.
+        assert_eq!(unsafe { tf_server_stats(self.srv, &mut st) }, TF_OK);
+        st
+    }
+
+    pub fn stop(&mut self, drain_ms: u32) -> i32 {
+        self.stopped = true;
+        // SAFETY: srv is live until drop.
+        unsafe { tf_server_stop(self.srv, drain_ms) }
+    }
+
+    /// tf_server_free with no tf_server_stop before it; returns the recorder
+    /// (the callbacks' user_data), which outlives the server.
+    pub fn free_without_stop(mut self) -> Box<Recorder> {
+        // SAFETY: srv came from tf_server_start and is freed once here.
+        unsafe { tf_server_free(self.srv) };
+        self.srv = std::ptr::null_mut();
+        self.stopped = true;
+        let rec = std::mem::replace(&mut self.rec, Box::new(Recorder::empty()));
+        rec
+    }
+
+    /// Polls stats until `pred` holds, or panics after WAIT.
+    pub fn wait_stats(&self, what: &str, pred: impl Fn(&tf_stats) -> bool) -> tf_stats {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let st = self.stats();
+            if pred(&st) {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {st:?}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        // SAFETY: srv came from tf_server_start; the recorder outlives it.
+        unsafe {
+            if !self.stopped {
+                tf_server_stop(self.srv, 0);
+            }
+            tf_server_free(self.srv);
+        }
+    }
+}
+
+pub fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut v = (payload.len() as u32).to_le_bytes().to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+pub fn write_frame(s: &mut TcpStream, payload: &[u8]) {
+    s.write_all(&frame(payload)).expect("write frame");
+}
+
+/// Reads one frame; None at end of stream.
+pub fn read_frame(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut len = [0u8; 4];
+    match s.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+        Err(e) => panic!("read frame prefix: {e}"),
+    }
+    let mut payload = vec![0u8; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut payload).expect("read frame payload");
+    Some(payload)
+}
+
+/// True when the peer closed: reads until EOF/reset (bounded by WAIT).
+pub fn wait_eof(s: &mut TcpStream) -> bool {
+    let deadline = Instant::now() + WAIT;
+    let mut buf = [0u8; 65536];
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+pub fn half_close(s: &TcpStream) {
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+/// Deterministic bytes for payload checks.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
