@@ -329,8 +329,7 @@ impl TestServer {
         unsafe { tf_server_free(self.srv) };
         self.srv = std::ptr::null_mut();
         self.stopped = true;
-        let rec = std::mem::replace(&mut self.rec, Box::new(Recorder::empty()));
-        rec
+        std::mem::replace(&mut self.rec, Box::new(Recorder::empty()))
     }
 
     /// Polls stats until `pred` holds, or panics after WAIT.
