@@ -237,7 +237,8 @@ extern "C" {
  *
  * **Thread:** any thread; each thread has its own message.
  * **Ownership:** the library owns the string; it stays valid until the
- * next failing tcpframe call on the same thread. Never NULL.
+ * next failing tcpframe call on the same thread (so read it after the
+ * call that failed, not in the same expression). Never NULL.
  */
 const char *tf_last_error(void);
 
@@ -383,7 +384,8 @@ int32_t tf_server_poll(struct tf_server *srv, struct tf_event *events, size_t ma
  * Starts a server: binds and listens before it returns (a busy or bad
  * address is reported here: TF_ERR_IO or TF_ERR_INVALID, with the reason
  * in tf_last_error()), then starts the loop thread. On success `*out` is
- * the new server; on failure `*out` is left untouched.
+ * the new server, written before any callback can run (a callback may use
+ * a handle the host stores from `*out`); on failure `*out` is untouched.
  *
  * `cfg` may be NULL (all defaults). `cb->on_message` is required.
  *

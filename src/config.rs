@@ -63,7 +63,7 @@ impl fmt::Debug for Config {
 
 impl Config {
     pub fn set_address(&mut self, text: &str) -> Result<()> {
-        let addr: SocketAddr = text.trim().parse().map_err(|_| {
+        let addr: SocketAddr = text.parse().map_err(|_| {
             Error::invalid(format!(
                 "address {text:?} is not IP:PORT (for example \"127.0.0.1:5882\" or \"[::1]:0\")"
             ))
@@ -151,7 +151,7 @@ mod tests {
         assert!(c.address.is_ipv6());
         c.set_address("0.0.0.0:9000").unwrap();
         assert_eq!(c.address.port(), 9000);
-        for bad in ["", "127.0.0.1", "localhost:80", "1.2.3.4:99999", "[::1]"] {
+        for bad in ["", "127.0.0.1", "localhost:80", "1.2.3.4:99999", "[::1]", " 127.0.0.1:80"] {
             assert!(c.set_address(bad).is_err(), "{bad:?}");
         }
         assert_eq!(c.address.port(), 9000);

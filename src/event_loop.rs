@@ -39,6 +39,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const POOL_MAX: usize = 64;
 /// A command arena larger than this is freed after use.
 const ARENA_RETAIN: usize = 1 << 20;
+/// While applying host commands, look for a due stop this often (bytes).
+const APPLY_CHECK_BYTES: usize = 1 << 20;
 /// Log lines per second before the rest are counted, not written.
 const LOG_PER_SECOND: u32 = 20;
 
@@ -813,7 +815,7 @@ impl<H: Handler> EventLoop<H> {
     fn drain_inbox(&mut self) {
         self.shared.waker.reset();
         self.shared.wake_pending.store(false, Ordering::SeqCst);
-        let stop = {
+        let mut stop = {
             let mut inbox = self.shared.lock_inbox();
             std::mem::swap(&mut inbox.cmds, &mut self.cmds);
             inbox.stop_deadline
@@ -821,6 +823,7 @@ impl<H: Handler> EventLoop<H> {
         {
             let mut st = self.state.borrow_mut();
             let mut rest = &self.cmds[..];
+            let mut since_check = 0usize;
             while rest.len() >= CMD_HEADER {
                 let kind = rest[0];
                 let id = u64::from_le_bytes(rest[1..9].try_into().expect("8 bytes"));
@@ -828,6 +831,18 @@ impl<H: Handler> EventLoop<H> {
                 let (payload, tail) = rest[CMD_HEADER..].split_at(len);
                 st.apply(kind, id, payload);
                 rest = tail;
+                // A huge batch must not hold a stop past its drain time:
+                // what is not applied by then could not be written anyway.
+                since_check += CMD_HEADER + len;
+                if since_check >= APPLY_CHECK_BYTES {
+                    since_check = 0;
+                    if stop.is_none() && self.shared.stopping.load(Ordering::Acquire) {
+                        stop = self.shared.lock_inbox().stop_deadline;
+                    }
+                    if stop.is_some_and(|d| Instant::now() >= d) {
+                        break;
+                    }
+                }
             }
         }
         self.cmds.clear();

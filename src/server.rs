@@ -203,6 +203,8 @@ pub const PANIC_PAYLOAD: &[u8] = b"\0tcpframe:panic\0";
 /// A started server: the handle behind tf_server.
 pub struct Server {
     shared: Arc<Shared>,
+    /// Holds the loop at its start until the host has its handle (see `open`).
+    gate: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     local: SocketAddr,
     fork_generation: u64,
@@ -235,11 +237,29 @@ impl Server {
             stats: Stats::default(),
         });
         let lp = Starter::new(config, shared.clone(), poller, listener, local, backend, handler);
+        let (gate, opened) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("tcpframe-loop".into())
-            .spawn(move || lp.run())
+            .spawn(move || {
+                // Wait until tf_server_start has written *out (or gave up):
+                // no callback may run before the host holds its handle.
+                let _ = opened.recv();
+                lp.run()
+            })
             .map_err(|e| Error::io("spawn the loop thread", e))?;
-        Ok(Server { shared, thread: Mutex::new(Some(thread)), local, fork_generation })
+        Ok(Server {
+            shared,
+            gate: Mutex::new(Some(gate)),
+            thread: Mutex::new(Some(thread)),
+            local,
+            fork_generation,
+        })
+    }
+
+    /// Lets the loop run. Called once the host has the handle; dropping the
+    /// server without it also opens the gate.
+    pub fn open(&self) {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     /// Fails in a child process forked after the server started.
@@ -320,6 +340,7 @@ impl Server {
             ));
         }
         self.shared.begin_stop(drain);
+        self.open();
         let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(handle) = thread.take() {
             // The loop catches its own panics; a join error is not expected.
@@ -333,6 +354,7 @@ impl Server {
     pub fn abandon_from_callback(self) {
         self.shared.silent.store(true, Ordering::Release);
         self.shared.begin_stop(Duration::ZERO);
+        self.open();
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         drop(handle); // detaches
     }

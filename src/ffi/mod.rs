@@ -197,7 +197,8 @@ pub(crate) unsafe fn arg_bytes<'a>(p: *const u8, len: usize, what: &str) -> Resu
 ///
 /// **Thread:** any thread; each thread has its own message.
 /// **Ownership:** the library owns the string; it stays valid until the
-/// next failing tcpframe call on the same thread. Never NULL.
+/// next failing tcpframe call on the same thread (so read it after the
+/// call that failed, not in the same expression). Never NULL.
 #[no_mangle]
 pub extern "C" fn tf_last_error() -> *const c_char {
     guard_or(c"".as_ptr(), || Ok(LAST_ERROR.with(|e| e.borrow().as_ptr())))

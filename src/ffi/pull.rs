@@ -50,7 +50,10 @@ pub unsafe extern "C" fn tf_server_start_pull(cfg: *const super::tf_config, out:
         let queue = EventQueue::new().map_err(|e| Error::io("create eventfd", e))?;
         let inner = Server::start(&config, PullHandler::new(queue.clone()))?;
         let pull = PullHost::new(queue, inner.shared().clone());
-        *out = Box::into_raw(Box::new(tf_server { inner, pull: Some(pull) }));
+        let srv = Box::into_raw(Box::new(tf_server { inner, pull: Some(pull) }));
+        *out = srv;
+        // SAFETY: just created above; nothing else can have freed it yet.
+        unsafe { &*srv }.inner.open();
         Ok(())
     })
 }

@@ -109,7 +109,8 @@ pub(crate) fn config_or_default(cfg: *const tf_config) -> Config {
 /// Starts a server: binds and listens before it returns (a busy or bad
 /// address is reported here: TF_ERR_IO or TF_ERR_INVALID, with the reason
 /// in tf_last_error()), then starts the loop thread. On success `*out` is
-/// the new server; on failure `*out` is left untouched.
+/// the new server, written before any callback can run (a callback may use
+/// a handle the host stores from `*out`); on failure `*out` is untouched.
 ///
 /// `cfg` may be NULL (all defaults). `cb->on_message` is required.
 ///
@@ -131,7 +132,10 @@ pub unsafe extern "C" fn tf_server_start(
         }
         let config = config_or_default(cfg);
         let inner = Server::start(&config, Callbacks { cb: *cb, peer: Vec::new() })?;
-        *out = Box::into_raw(Box::new(tf_server { inner, pull: None }));
+        let srv = Box::into_raw(Box::new(tf_server { inner, pull: None }));
+        *out = srv;
+        // SAFETY: just created above; nothing else can have freed it yet.
+        unsafe { &*srv }.inner.open();
         Ok(())
     })
 }
