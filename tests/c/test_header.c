@@ -1,5 +1,5 @@
 /* test_header: the generated header stands alone and is warning-free C.
- * Built (not run) by test_c_examples.py as C99 and C11 with
+ * Built, linked and run by test_c_examples.py as C99 and C11 with
  * -Wall -Wextra -Wpedantic -Werror; test_header.cpp does the same for C++11.
  * The header is included FIRST, so it cannot lean on an earlier include. */
 #include "tcpframe.h"
@@ -86,4 +86,11 @@ int header_uses_everything(void) {
     const char *v = tf_version();
     return (int)rc + fd + (int)port + (e != NULL) + (v != NULL) + ev.kind + ev.reason +
            (int)ev.len + (ev.data != NULL) + (int)ev.conn + (int)st.closed_idle;
+}
+
+/* Linked and run too: every declaration resolves against the real library. */
+int main(void) {
+    int (*keep)(void) = header_uses_everything; /* linked, not called */
+    const char *v = tf_version();
+    return keep != NULL && v != NULL && v[0] != '\0' ? 0 : 1;
 }

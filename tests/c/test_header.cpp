@@ -1,6 +1,6 @@
 // test_header.cpp: the generated header compiles as C++11 with
 // -Wall -Wextra -Wpedantic -Werror, declares C linkage, and its types are
-// usable from C++. Built (not run) by test_c_examples.py.
+// usable from C++. Built, linked and run by test_c_examples.py.
 #include "tcpframe.h"
 
 #include <cstddef>
@@ -32,4 +32,12 @@ int header_uses_everything_cpp() {
     int32_t (*stop)(tf_server *, uint32_t) = tf_server_stop;
     const char *(*err)() = tf_last_error;
     return rc + (send != nullptr) + (poll != nullptr) + (stop != nullptr) + (err != nullptr);
+}
+
+// Linked and run too: without extern "C" in the header the names would be
+// mangled and this would not link against libtcpframe.
+int main() {
+    int (*keep)() = header_uses_everything_cpp; // linked, not called
+    const char *v = tf_version();
+    return keep != nullptr && v != nullptr && v[0] != '\0' ? 0 : 1;
 }

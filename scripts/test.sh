@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite, as `make test` and CI run it. Stops at the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step() { printf '\n==== %s\n' "$*"; }
+
+step "format and lint"
+cargo fmt --all -- --check
+cargo clippy --all-targets --features fault-injection -- -D warnings
+
+step "header: include/tcpframe.h matches a fresh cbindgen run"
+TCPFRAME_VERIFY_HEADER=1 cargo build --release
+
+step "Rust unit and integration tests, default backend (epoll)"
+cargo test --quiet
+step "Rust integration tests again, poll(2) backend"
+TCPFRAME_TEST_BACKEND=poll cargo test --quiet --tests
+
+step "panic injection (built with --features fault-injection)"
+cargo test --quiet --features fault-injection --test faults
+
+step "soak: ${SOAK_SECS:=45} s of mixed load, exact echoes, bounded RSS"
+SOAK_SECS=$SOAK_SECS cargo run --quiet --release --example soak
+
+step "C tests, C examples (valgrind) and the Python package"
+python3 -m pytest -q tests/c tests/python
