@@ -78,6 +78,9 @@ pub struct State {
     idle_tail: u32,
     track_idle: bool,
     max_queued_output: u64,
+    /// The connection whose frames are being dispatched (id 0: none), so
+    /// that the common reply to the sender skips the id lookup.
+    current: (u64, u32),
 }
 
 impl State {
@@ -93,6 +96,7 @@ impl State {
             idle_tail: NIL,
             track_idle,
             max_queued_output,
+            current: (0, NIL),
         }
     }
 
@@ -220,9 +224,12 @@ impl State {
 
     /// tf_send on the loop thread: checked and queued synchronously.
     fn send(&mut self, id: u64, payload: &[u8]) -> Result<()> {
-        let slot = *self.ids.get(&id).ok_or_else(|| Error::no_conn(id))?;
+        let slot = match self.current {
+            (cur, slot) if cur == id => slot,
+            _ => *self.ids.get(&id).ok_or_else(|| Error::no_conn(id))?,
+        };
         let limit = self.max_queued_output;
-        let c = self.get_mut(slot).ok_or_else(|| Error::no_conn(id))?;
+        let c = self.get_id(slot, id).ok_or_else(|| Error::no_conn(id))?;
         if !c.takes_frames() || c.shared.close_requested.load(Ordering::Acquire) {
             return Err(Error::no_conn(id));
         }
@@ -593,6 +600,7 @@ impl<H: Handler> EventLoop<H> {
         }
         let mut decoder = {
             let mut st = self.state.borrow_mut();
+            st.current = (id, slot);
             std::mem::replace(&mut st.conn_mut(slot).decoder, Decoder::new(self.max_frame))
         };
         let Self { shared, state, handler, scratch, .. } = self;
@@ -647,6 +655,7 @@ impl<H: Handler> EventLoop<H> {
             }
         }
         let mut st = self.state.borrow_mut();
+        st.current = (0, NIL);
         let Some(c) = st.get_id(slot, id) else { return };
         if c.is_reading() {
             c.decoder = decoder;

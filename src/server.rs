@@ -284,10 +284,17 @@ impl Server {
     }
 
     pub fn send(&self, id: u64, payload: &[u8]) -> Result<()> {
+        self.send_with(id, || Ok(payload))
+    }
+
+    /// tf_send: the payload is fetched only after the process and stop
+    /// checks, which take precedence over argument errors.
+    pub fn send_with<'a>(&self, id: u64, payload: impl FnOnce() -> Result<&'a [u8]>) -> Result<()> {
         self.check_process()?;
         if self.shared.stopping.load(Ordering::Acquire) {
             return Err(Error::stopped());
         }
+        let payload = payload()?;
         if payload.len() > self.shared.max_frame as usize {
             return Err(Error::new(
                 Code::TooLarge,

@@ -182,13 +182,9 @@ pub unsafe extern "C" fn tf_send(srv: *mut tf_server, conn: tf_conn_id, data: *c
     guard(|| {
         // SAFETY: `srv` is NULL or a live tf_server.
         let s = unsafe { server(srv)? };
-        s.inner.check_process()?;
-        if s.inner.shared().stopping.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(Error::stopped());
-        }
-        // SAFETY: `data` is NULL or `len` readable bytes.
-        let payload = unsafe { arg_bytes(data, len, "data")? };
-        s.inner.send(conn, payload)
+        // SAFETY: `data` is NULL or `len` readable bytes (checked after the
+        // server's state, so that STOPPED wins as the contract says).
+        s.inner.send_with(conn, || unsafe { arg_bytes(data, len, "data") })
     })
 }
 
