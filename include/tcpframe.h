@@ -335,7 +335,9 @@ int32_t tf_config_set_backend(struct tf_config *cfg, int32_t backend);
  * a count of what was suppressed. NULL `log` turns logging off (the default).
  *
  * **Thread:** `log` is called on the server's loop thread, never
- * concurrently for one server. It must not call tf_server_stop().
+ * concurrently for one server; if the same configuration starts several
+ * servers, their loop threads may call it at the same time. It must not
+ * call tf_server_stop().
  * **Ownership:** `msg` is valid during the call only; `user_data` is
  * passed back untouched and must stay valid until the server is stopped.
  */
@@ -348,6 +350,9 @@ int32_t tf_config_set_log(struct tf_config *cfg, void (*log)(void *user_data, in
  * accepted (close unwanted ones with tf_conn_close()). When the host does
  * not keep up, the library stops reading sockets (TCP backpressure):
  * events are never dropped and the queue never grows without bound.
+ * After tf_server_stop(), the events produced before it (ending with a
+ * CLOSE, reason TF_CLOSE_SHUTDOWN, for each connection still open) can
+ * still be taken; then tf_server_poll() returns TF_ERR_STOPPED.
  *
  * **Thread:** any thread.
  * **Ownership:** `cfg` is copied. The caller owns `*out` and must release

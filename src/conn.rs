@@ -97,6 +97,9 @@ pub struct Conn {
     pub in_closing_list: bool,
     /// What the poller watches now, to skip redundant changes.
     pub interest: Interest,
+    /// In the poller at all. A connection that wants nothing is removed, so
+    /// that a hang-up (always reported) cannot wake the loop in a spin.
+    pub registered: bool,
     /// Last complete inbound frame (or accept): the idle clock.
     pub last_frame: Instant,
     pub idle_prev: u32,
@@ -120,6 +123,7 @@ impl Conn {
             dirty: false,
             in_closing_list: false,
             interest: Interest::READ,
+            registered: true,
             last_frame: now,
             idle_prev: NIL,
             idle_next: NIL,

@@ -39,6 +39,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const POOL_MAX: usize = 64;
 /// A command arena larger than this is freed after use.
 const ARENA_RETAIN: usize = 1 << 20;
+/// Flush-and-close passes per iteration (callbacks in on_close may queue more).
+const FLUSH_PASSES: usize = 4;
 /// While applying host commands, look for a due stop this often (bytes).
 const APPLY_CHECK_BYTES: usize = 1 << 20;
 /// Log lines per second before the rest are counted, not written.
@@ -288,6 +290,11 @@ fn with_local<R>(shared: &Shared, f: impl FnOnce(&mut State) -> R) -> Option<R> 
     })
 }
 
+/// True on the loop thread of any server: inside some tcpframe callback.
+pub fn on_any_loop_thread() -> bool {
+    CURRENT.with(|cur| cur.borrow().is_some())
+}
+
 /// True on `shared`'s loop thread.
 pub fn on_loop_thread(shared: &Shared) -> bool {
     CURRENT.with(|cur| cur.borrow().as_ref().is_some_and(|l| std::ptr::eq(l.shared, shared)))
@@ -325,12 +332,17 @@ struct Bucket {
 /// Rate-limited diagnostics for the host's log.
 struct Logger {
     sink: Option<LogSink>,
+    /// Set when the host freed the server from a callback: no more calls.
+    shared: Arc<Shared>,
     buckets: [Bucket; 6],
 }
 
 impl Logger {
     fn log(&mut self, topic: Topic, level: LogLevel, msg: impl FnOnce() -> String) {
         let Some(sink) = &self.sink else { return };
+        if self.shared.silent.load(Ordering::Acquire) {
+            return;
+        }
         let now = Instant::now();
         let b = &mut self.buckets[topic as usize];
         if b.window.is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1)) {
@@ -379,6 +391,8 @@ pub struct EventLoop<H: Handler> {
     shutdown_deadline: Option<Instant>,
     /// Connections not read while the pull queue is full.
     paused: Vec<u32>,
+    /// The listener is not watched while the pull queue is full.
+    accept_blocked: bool,
     log: Logger,
 }
 
@@ -431,7 +445,7 @@ impl<H: Handler> Starter<H> {
     pub fn run(self) {
         let state = Rc::new(RefCell::new(State::new(self.idle_timeout.is_some(), self.max_queued_output)));
         let mut lp = EventLoop {
-            shared: self.shared,
+            shared: self.shared.clone(),
             state: state.clone(),
             poller: self.poller,
             listener: Some(self.listener),
@@ -449,7 +463,8 @@ impl<H: Handler> Starter<H> {
             accept_paused_until: None,
             shutdown_deadline: None,
             paused: Vec::new(),
-            log: Logger { sink: self.log, buckets: Default::default() },
+            accept_blocked: false,
+            log: Logger { sink: self.log, shared: self.shared.clone(), buckets: Default::default() },
         };
         CURRENT.with(|c| {
             *c.borrow_mut() = Some(Link { shared: Arc::as_ptr(&lp.shared), state });
@@ -473,11 +488,19 @@ impl<H: Handler> EventLoop<H> {
             }
             let now = Instant::now();
             let events = std::mem::take(&mut self.events);
-            let (mut accept, mut woken) = (false, false);
+            // Host commands first: a close or a stop requested before this
+            // wake-up takes effect before any more input is delivered.
+            let woken = events.iter().any(|ev| ev.token == WAKER);
+            let stop_flagged =
+                self.shutdown_deadline.is_none() && self.shared.stopping.load(Ordering::Acquire);
+            if woken || stop_flagged {
+                self.guarded(None, |lp| lp.drain_inbox());
+            }
+            let mut accept = false;
             for ev in &events {
                 match ev.token {
                     LISTENER => accept = true,
-                    WAKER => woken = true,
+                    WAKER => {}
                     t => {
                         let slot = (t - FIRST_CONN) as u32;
                         self.guarded(Some(slot), |lp| lp.conn_event(slot, ev, now));
@@ -485,18 +508,22 @@ impl<H: Handler> EventLoop<H> {
                 }
             }
             self.events = events;
-            if woken {
-                self.guarded(None, |lp| lp.drain_inbox());
-            }
             if accept {
                 self.guarded(None, |lp| lp.accept_burst(now));
             }
             self.resume_accept(now);
             self.expire_idle(now);
-            self.flush();
-            self.close_phase(now);
+            // Frames queued and closes requested from on_close go out now,
+            // not at some later unrelated event.
+            for _ in 0..FLUSH_PASSES {
+                self.flush();
+                self.close_phase(now);
+                if !self.has_ready_work() {
+                    break;
+                }
+            }
             self.handler.end_of_iteration(!self.paused.is_empty());
-            self.resume_paused();
+            self.resume_paused(now);
             if let Some(deadline) = self.shutdown_deadline {
                 if self.state.borrow().len() == 0 || Instant::now() >= deadline {
                     self.close_all();
@@ -520,9 +547,19 @@ impl<H: Handler> EventLoop<H> {
         }
     }
 
+    /// Queued frames not yet written, or connections ready to be closed.
+    fn has_ready_work(&self) -> bool {
+        let st = self.state.borrow();
+        !st.dirty.is_empty() || st.closing.iter().any(|&s| st.get(s).is_some_and(|c| c.ready_to_close()))
+    }
+
     /// Milliseconds until the nearest deadline, rounded up so that a deadline
-    /// less than a millisecond away is not a zero-timeout spin. -1: none.
+    /// less than a millisecond away is not a zero-timeout spin. -1: none;
+    /// 0 only when work is already waiting.
     fn next_timeout(&self) -> i32 {
+        if self.has_ready_work() {
+            return 0;
+        }
         let mut next: Option<Instant> = self.shutdown_deadline;
         let mut consider = |d: Instant| next = Some(next.map_or(d, |n| n.min(d)));
         if let Some(d) = self.accept_paused_until {
@@ -548,10 +585,25 @@ impl<H: Handler> EventLoop<H> {
         let mut st = self.state.borrow_mut();
         let Some(c) = st.get_mut(slot) else { return };
         let want = c.wanted_interest();
-        if want != c.interest {
+        let (fd, token) = (sys::raw(&c.fd), slot as usize + FIRST_CONN);
+        let result = if want == Interest::NONE {
+            if c.registered {
+                self.poller.delete(fd, token);
+                c.registered = false;
+            }
+            Ok(())
+        } else if !c.registered {
+            c.registered = true;
             c.interest = want;
-            let fd = sys::raw(&c.fd);
-            if let Err(e) = self.poller.modify(fd, slot as usize + FIRST_CONN, want) {
+            self.poller.add(fd, token, want)
+        } else if want != c.interest {
+            c.interest = want;
+            self.poller.modify(fd, token, want)
+        } else {
+            Ok(())
+        };
+        {
+            if let Err(e) = result {
                 drop(st);
                 self.log.log(Topic::Internal, LogLevel::Error, || {
                     format!("tcpframe: cannot watch a connection: {e}")
@@ -584,7 +636,8 @@ impl<H: Handler> EventLoop<H> {
             if c.eof {
                 return;
             }
-            (sys::raw(&c.fd), c.id, c.is_reading(), c.paused)
+            let reading = c.is_reading() && !c.shared.close_requested.load(Ordering::Acquire);
+            (sys::raw(&c.fd), c.id, reading, c.paused)
         };
         if paused {
             return;
@@ -635,7 +688,9 @@ impl<H: Handler> EventLoop<H> {
                 handler.on_message(id, frame);
                 delivered += 1;
                 let st = state.borrow();
-                if st.get(slot).is_some_and(|c| c.id == id && c.is_reading()) {
+                if st.get(slot).is_some_and(|c| {
+                    c.id == id && c.is_reading() && !c.shared.close_requested.load(Ordering::Relaxed)
+                }) {
                     Flow::Continue
                 } else {
                     Flow::Stop
@@ -718,6 +773,15 @@ impl<H: Handler> EventLoop<H> {
     }
 
     fn accept_burst(&mut self, now: Instant) {
+        if !self.handler.wants_input() {
+            // Pull mode with a full queue: new connections wait in the
+            // backlog until the host catches up (resume_paused re-arms).
+            if let Some(l) = &self.listener {
+                let _ = self.poller.modify(sys::raw(l), LISTENER, Interest::NONE);
+            }
+            self.accept_blocked = true;
+            return;
+        }
         for _ in 0..ACCEPTS_PER_WAKE {
             let Some(listener) = self.listener.as_ref().map(sys::raw) else { return };
             match sys::accept(listener) {
@@ -781,6 +845,12 @@ impl<H: Handler> EventLoop<H> {
 
     fn admit(&mut self, a: sys::Accepted, now: Instant) {
         let stats = &self.shared.stats;
+        if self.shared.stopping.load(Ordering::Acquire) {
+            // Stop has begun: no on_connect any more.
+            drop(a);
+            bump(&stats.connections_rejected, 1);
+            return;
+        }
         if self.state.borrow().len() >= self.max_connections {
             drop(a);
             bump(&stats.connections_rejected, 1);
@@ -807,10 +877,13 @@ impl<H: Handler> EventLoop<H> {
         }
         self.shared.lock_inbox().registry.insert(id, cshared);
         let peer = a.peer.map_or_else(|| String::from("unknown"), |p| p.to_string());
+        // Counted as active while on_connect runs (stats before callbacks);
+        // as accepted once it said yes.
+        bump(&self.shared.stats.connections_active, 1);
         if self.handler.on_connect(id, &peer) {
             bump(&self.shared.stats.connections_accepted, 1);
-            bump(&self.shared.stats.connections_active, 1);
         } else {
+            drop_count(&self.shared.stats.connections_active, 1);
             self.shared.lock_inbox().registry.remove(&id);
             if let Some(mut conn) = self.state.borrow_mut().remove(slot) {
                 self.poller.delete(fd, slot as usize + FIRST_CONN);
@@ -882,17 +955,25 @@ impl<H: Handler> EventLoop<H> {
         }
     }
 
-    fn resume_paused(&mut self) {
-        if self.paused.is_empty() || !self.handler.wants_input() {
+    fn resume_paused(&mut self, now: Instant) {
+        if (self.paused.is_empty() && !self.accept_blocked) || !self.handler.wants_input() {
             return;
         }
         for slot in std::mem::take(&mut self.paused) {
-            if let Some(c) = self.state.borrow_mut().get_mut(slot) {
+            {
+                let mut st = self.state.borrow_mut();
+                let Some(c) = st.get_mut(slot) else { continue };
                 c.paused = false;
+                // Waiting on the host is not the peer being idle.
+                st.idle_touch(slot, now);
             }
             self.sync_interest(slot);
-            // Data may have arrived while paused; level-triggered polling
-            // reports it on the next wait.
+            // Data that arrived meanwhile is reported by the next wait.
+        }
+        if std::mem::take(&mut self.accept_blocked) && self.accept_paused_until.is_none() {
+            if let Some(l) = &self.listener {
+                let _ = self.poller.modify(sys::raw(l), LISTENER, Interest::READ);
+            }
         }
     }
 
@@ -998,15 +1079,23 @@ impl<H: Handler> EventLoop<H> {
 
     fn finish(&mut self, slot: u32, mut conn: Conn) -> (u64, CloseReason) {
         let fd = sys::raw(&conn.fd);
-        self.poller.delete(fd, slot as usize + FIRST_CONN);
+        if conn.registered {
+            self.poller.delete(fd, slot as usize + FIRST_CONN);
+        }
         if !conn.eof {
             let (n, _) = sys::discard_input(fd, &mut self.scratch, 4);
             bump(&self.shared.stats.bytes_received, n);
         }
         conn.discard_output();
         let mut reason = conn.close_reason().unwrap_or(CloseReason::Io);
-        if reason == CloseReason::Peer && conn.shared.close_requested.load(Ordering::Acquire) {
-            reason = CloseReason::Local; // the host closed it first
+        if matches!(reason, CloseReason::Peer | CloseReason::Io)
+            && conn.shared.close_requested.load(Ordering::Acquire)
+        {
+            reason = CloseReason::Local; // the host had closed it: tf_conn_close said so
+        }
+        if reason != CloseReason::Local && self.shared.stopping.load(Ordering::Acquire) {
+            // Stop has begun: whatever else happened, it ends as a shutdown.
+            reason = CloseReason::Shutdown;
         }
         (conn.id, reason) // dropping `conn` closes the descriptor
     }
@@ -1030,10 +1119,11 @@ impl<H: Handler> EventLoop<H> {
                 _ => {}
             }
         }
-        if self.shared.silent.load(Ordering::Acquire) {
-            return;
-        }
         for (id, reason) in done {
+            // Re-checked each time: a callback may free the server.
+            if self.shared.silent.load(Ordering::Acquire) {
+                return;
+            }
             self.handler.on_close(id, reason);
         }
     }

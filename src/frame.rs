@@ -52,7 +52,9 @@ impl Decoder {
     }
 
     fn check(&self, len: u32) -> Result<usize, DecodeError> {
-        if len > self.max_frame {
+        // The second test matters only where usize is 32 bits: a frame and
+        // its prefix must fit in memory.
+        if len > self.max_frame || len as u64 > (isize::MAX as u64).saturating_sub(PREFIX_LEN as u64) {
             Err(DecodeError::TooLarge { announced: len as u64, max: self.max_frame })
         } else {
             Ok(len as usize)

@@ -177,6 +177,8 @@ impl PullHost {
     /// the first. The returned batch stays valid until the next call.
     /// Err(Stopped) once the server has stopped and every event was taken.
     pub fn poll(&self, max: usize, timeout_ms: i32) -> Result<MutexGuard<'_, Vec<PulledEvent>>> {
+        // On a loop thread (a log callback), waiting could wait for ourselves.
+        let timeout_ms = if crate::event_loop::on_any_loop_thread() { 0 } else { timeout_ms };
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         last.clear();
         let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));

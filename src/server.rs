@@ -331,9 +331,11 @@ impl Server {
         Ok(self.shared.stats.snapshot())
     }
 
-    /// True on this server's loop thread, that is, inside one of its callbacks.
+    /// True inside a callback of any server (on a loop thread), where
+    /// waiting for a loop thread to end could wait for ourselves, or for a
+    /// loop that waits for us.
     pub fn in_callback(&self) -> bool {
-        event_loop::on_loop_thread(&self.shared)
+        event_loop::on_any_loop_thread()
     }
 
     /// Stops accepting, drains for up to `drain`, closes everything, joins
@@ -342,8 +344,8 @@ impl Server {
         self.check_process()?;
         if self.in_callback() {
             return Err(Error::invalid(
-                "tf_server_stop was called from inside a callback of the same server: \
-                 that would deadlock; call it from another thread",
+                "tf_server_stop was called from inside a callback (on a tcpframe loop thread): \
+                 waiting there could deadlock; call it from another thread",
             ));
         }
         self.shared.begin_stop(drain);

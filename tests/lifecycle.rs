@@ -379,3 +379,76 @@ fn free_without_stop_stops_first_and_reports_every_close() {
     let closes: Vec<_> = rec.snapshot().into_iter().filter(|e| matches!(e, Ev::Close(..))).collect();
     assert_eq!(closes, vec![Ev::Close(id, TF_CLOSE_SHUTDOWN)]);
 }
+
+#[test]
+fn a_frame_sent_from_on_close_goes_out_at_once() {
+    let srv = TestServer::start(Opts::default());
+    let (mut a, a_id) = srv.connect_id();
+    let (b, b_id) = srv.connect_id();
+    srv.rec.behaviour.notify_on_close.store(a_id, Ordering::SeqCst);
+    drop(b);
+    srv.rec.wait_close(b_id);
+    a.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    assert_eq!(
+        read_frame(&mut a).unwrap(),
+        b"gone",
+        "nothing else happens: it must not wait for another event"
+    );
+}
+
+#[test]
+fn stopping_any_server_from_inside_a_callback_is_refused() {
+    let a = TestServer::start(Opts::default());
+    let b = TestServer::start(Opts::default());
+    a.rec.behaviour.stop_other.store(b.srv, Ordering::SeqCst);
+    let mut s = a.connect();
+    write_frame(&mut s, b"x");
+    assert_eq!(read_frame(&mut s).unwrap(), b"x");
+    assert_eq!(*a.rec.behaviour.stop_other_result.lock().unwrap(), Some(TF_ERR_INVALID));
+    let mut t = b.connect();
+    write_frame(&mut t, b"b still runs");
+    assert_eq!(read_frame(&mut t).unwrap(), b"b still runs");
+}
+
+#[test]
+fn on_connect_sees_its_connection_counted_as_active() {
+    let srv = TestServer::start(Opts::default());
+    let _a = srv.connect_id();
+    let _b = srv.connect_id();
+    assert_eq!(*srv.rec.behaviour.active_in_connect.lock().unwrap(), vec![1, 2]);
+}
+
+#[test]
+fn no_message_is_delivered_after_conn_close_returns_from_another_thread() {
+    let srv = TestServer::start(Opts { echo: false, record: false, ..Opts::default() });
+    let (mut s, id) = srv.connect_id();
+    let writer = std::thread::spawn(move || {
+        let burst = frame(b"stream").repeat(100);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(500) {
+            if s.write_all(&burst).is_err() {
+                break;
+            }
+        }
+    });
+    srv.rec.wait_for("messages flowing", |_| srv.rec.messages.load(Ordering::SeqCst) > 1000);
+    assert_eq!(srv.close(id), TF_OK);
+    let at_close = srv.rec.messages.load(Ordering::SeqCst);
+    assert_eq!(srv.rec.wait_close(id), TF_CLOSE_LOCAL);
+    let after = srv.rec.messages.load(Ordering::SeqCst);
+    assert!(after <= at_close + 1, "{} messages after tf_conn_close returned", after - at_close);
+    writer.join().unwrap();
+}
+
+#[test]
+fn a_connection_waiting_in_the_backlog_when_stop_begins_gets_no_callback() {
+    let mut srv = TestServer::start(Opts::default());
+    srv.rec.behaviour.sleep_in_message_ms.store(300, Ordering::SeqCst);
+    let (mut a, a_id) = srv.connect_id();
+    write_frame(&mut a, b"slow"); // the loop now sleeps in on_message
+    std::thread::sleep(Duration::from_millis(50));
+    let _late = srv.connect(); // waits in the backlog
+    assert_eq!(srv.stop(0), TF_OK);
+    assert_eq!(srv.rec.connects(), vec![a_id], "no on_connect once stop has begun");
+    assert_eq!(srv.rec.closes_of(a_id), vec![TF_CLOSE_SHUTDOWN]);
+}

@@ -240,3 +240,52 @@ fn the_log_hook_reports_closes_for_cause_and_is_rate_limited() {
     assert!(log.iter().any(|(l, m)| *l == TF_LOG_WARN && m.contains("max connections")), "{log:?}");
     assert!(log.len() <= 25, "rate limited: {} lines", log.len());
 }
+
+fn cpu_time() -> Duration {
+    // SAFETY: a zeroed rusage is valid and getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a live rusage struct.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+#[test]
+fn a_paused_connection_whose_peer_resets_does_not_make_the_loop_spin() {
+    let p = Pull::start(Opts::default());
+    let mut s = p.connect();
+    // More than the queue takes: the loop pauses this connection.
+    s.write_all(&[0u8; 4 * 6000]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket and a live linger struct.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as u32,
+        );
+    }
+    drop(s); // reset
+    std::thread::sleep(Duration::from_millis(100));
+    let before = cpu_time();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_time() - before;
+    assert!(used < Duration::from_millis(200), "{used:?} of CPU in one idle second: spinning");
+    // Drain: every message, then the close.
+    let mut msgs = 0;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (rc, evs) = p.poll(1024, 100);
+        assert_eq!(rc, TF_OK);
+        msgs += evs.iter().filter(|e| e.kind == TF_EVENT_MESSAGE).count();
+        if evs.iter().any(|e| e.kind == TF_EVENT_CLOSE) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no close event; {msgs} messages");
+    }
+    assert!(msgs >= 4096, "{msgs}");
+}

@@ -142,10 +142,12 @@ impl LogTarget {
 }
 
 // SAFETY: the host promises, by setting a log function, that it may be
-// called from the loop thread with this user_data (documented below).
+// called from a loop thread with this user_data (documented below).
 unsafe impl Send for LogTarget {}
-// SAFETY: as above; the library never calls it from two threads at once
-// for one server, and never dereferences user_data itself.
+// SAFETY: the library never dereferences user_data. One server calls the
+// function from its loop thread only; a configuration used for several
+// servers shares it between their loop threads, which the documentation
+// below requires the host's function to allow.
 unsafe impl Sync for LogTarget {}
 
 /// Routes the library's diagnostics (accept failures, descriptor
@@ -154,7 +156,9 @@ unsafe impl Sync for LogTarget {}
 /// a count of what was suppressed. NULL `log` turns logging off (the default).
 ///
 /// **Thread:** `log` is called on the server's loop thread, never
-/// concurrently for one server. It must not call tf_server_stop().
+/// concurrently for one server; if the same configuration starts several
+/// servers, their loop threads may call it at the same time. It must not
+/// call tf_server_stop().
 /// **Ownership:** `msg` is valid during the call only; `user_data` is
 /// passed back untouched and must stay valid until the server is stopped.
 #[no_mangle]

@@ -163,6 +163,16 @@ pub(crate) unsafe fn arg_mut<'a, T>(p: *mut T, what: &str) -> Result<&'a mut T> 
     unsafe { p.as_mut() }.ok_or_else(|| Error::invalid(format!("{what} is NULL")))
 }
 
+/// Checks an output pointer, which may point to uninitialized memory: write
+/// through it with `ptr::write`, never through a reference.
+pub(crate) fn arg_out<T>(p: *mut T, what: &str) -> Result<*mut T> {
+    if p.is_null() {
+        Err(Error::invalid(format!("{what} is NULL")))
+    } else {
+        Ok(p)
+    }
+}
+
 /// Reads a NUL-terminated UTF-8 string argument.
 ///
 /// # Safety

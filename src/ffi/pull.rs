@@ -1,7 +1,7 @@
 //! Pull mode at the C boundary: tf_server_start_pull, tf_server_fd, tf_server_poll.
 
 use super::server::{config_or_default, server, tf_server};
-use super::{arg_mut, guard, guard_or, tf_conn_id};
+use super::{guard, guard_or, tf_conn_id};
 use crate::error::Error;
 use crate::pull::{EventQueue, PullHandler, PullHost};
 use crate::server::Server;
@@ -37,6 +37,9 @@ pub struct tf_event {
 /// accepted (close unwanted ones with tf_conn_close()). When the host does
 /// not keep up, the library stops reading sockets (TCP backpressure):
 /// events are never dropped and the queue never grows without bound.
+/// After tf_server_stop(), the events produced before it (ending with a
+/// CLOSE, reason TF_CLOSE_SHUTDOWN, for each connection still open) can
+/// still be taken; then tf_server_poll() returns TF_ERR_STOPPED.
 ///
 /// **Thread:** any thread.
 /// **Ownership:** `cfg` is copied. The caller owns `*out` and must release
@@ -44,14 +47,15 @@ pub struct tf_event {
 #[no_mangle]
 pub unsafe extern "C" fn tf_server_start_pull(cfg: *const super::tf_config, out: *mut *mut tf_server) -> i32 {
     guard(|| {
-        // SAFETY: `out` is NULL or writable.
-        let out = unsafe { arg_mut(out, "out")? };
-        let config = config_or_default(cfg);
+        let out = super::arg_out(out, "out")?;
+        // SAFETY: `cfg` is NULL or a live tf_config (this function's contract).
+        let config = unsafe { config_or_default(cfg) };
         let queue = EventQueue::new().map_err(|e| Error::io("create eventfd", e))?;
         let inner = Server::start(&config, PullHandler::new(queue.clone()))?;
         let pull = PullHost::new(queue, inner.shared().clone());
         let srv = Box::into_raw(Box::new(tf_server { inner, pull: Some(pull) }));
-        *out = srv;
+        // SAFETY: `out` is non-NULL and writable.
+        unsafe { out.write(srv) };
         // SAFETY: just created above; nothing else can have freed it yet.
         unsafe { &*srv }.inner.open();
         Ok(())
@@ -95,8 +99,9 @@ pub unsafe extern "C" fn tf_server_poll(
     timeout_ms: i32,
 ) -> i32 {
     guard(|| {
-        // SAFETY: `srv` is NULL or a live tf_server; `count` NULL or writable.
-        let (s, count) = unsafe { (server(srv)?, arg_mut(count, "count")?) };
+        // SAFETY: `srv` is NULL or a live tf_server.
+        let s = unsafe { server(srv)? };
+        let count = super::arg_out(count, "count")?;
         if events.is_null() || max == 0 {
             return Err(Error::invalid("events is NULL or max is 0"));
         }
@@ -105,21 +110,23 @@ pub unsafe extern "C" fn tf_server_poll(
         }
         s.inner.check_process()?;
         let pull = s.pull.as_ref().ok_or_else(|| Error::invalid("not a pull-mode server"))?;
-        *count = 0;
+        // SAFETY: `count` is non-NULL and writable.
+        unsafe { count.write(0) };
         let batch = pull.poll(max, timeout_ms)?;
-        // SAFETY: the caller provides room for `max` events at `events`, and
-        // the batch holds at most `max`.
-        let slots = unsafe { std::slice::from_raw_parts_mut(events, batch.len()) };
-        for (slot, ev) in slots.iter_mut().zip(batch.iter()) {
-            *slot = tf_event {
+        for (i, ev) in batch.iter().enumerate() {
+            let e = tf_event {
                 kind: ev.kind,
                 reason: ev.reason,
                 conn: ev.conn,
                 data: if ev.data.is_empty() { std::ptr::null() } else { ev.data.as_ptr() },
                 len: ev.len,
             };
+            // SAFETY: the caller provides room for `max` events at `events`
+            // (possibly uninitialized), and the batch holds at most `max`.
+            unsafe { events.add(i).write(e) };
         }
-        *count = batch.len();
+        // SAFETY: as above.
+        unsafe { count.write(batch.len()) };
         Ok(())
     })
 }

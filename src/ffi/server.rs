@@ -1,6 +1,6 @@
 //! tf_server in callback mode: start, port, send, close, stats, stop, free.
 
-use super::{arg_bytes, arg_mut, arg_ref, guard, guard_or, tf_config, tf_conn_id};
+use super::{arg_bytes, arg_ref, guard, guard_or, tf_config, tf_conn_id};
 use crate::config::Config;
 use crate::conn::CloseReason;
 use crate::error::{Error, Result};
@@ -98,8 +98,10 @@ impl Handler for Callbacks {
     }
 }
 
-pub(crate) fn config_or_default(cfg: *const tf_config) -> Config {
-    // SAFETY: `cfg` is NULL or a live tf_config (tf_server_start's contract).
+/// # Safety
+/// `cfg` is NULL or points to a live tf_config.
+pub(crate) unsafe fn config_or_default(cfg: *const tf_config) -> Config {
+    // SAFETY: forwarded from the caller.
     match unsafe { cfg.as_ref() } {
         Some(c) => c.inner.clone(),
         None => Config::default(),
@@ -126,14 +128,17 @@ pub unsafe extern "C" fn tf_server_start(
 ) -> i32 {
     guard(|| {
         // SAFETY: `cb` is NULL or a live tf_callbacks; `out` NULL or writable.
-        let (cb, out) = unsafe { (arg_ref(cb, "cb")?, arg_mut(out, "out")?) };
+        let cb = unsafe { arg_ref(cb, "cb")? };
+        let out = super::arg_out(out, "out")?;
         if cb.on_message.is_none() {
             return Err(Error::invalid("cb->on_message is NULL: it is required"));
         }
-        let config = config_or_default(cfg);
+        // SAFETY: `cfg` is NULL or a live tf_config (this function's contract).
+        let config = unsafe { config_or_default(cfg) };
         let inner = Server::start(&config, Callbacks { cb: *cb, peer: Vec::new() })?;
         let srv = Box::into_raw(Box::new(tf_server { inner, pull: None }));
-        *out = srv;
+        // SAFETY: `out` is non-NULL and writable.
+        unsafe { out.write(srv) };
         // SAFETY: just created above; nothing else can have freed it yet.
         unsafe { &*srv }.inner.open();
         Ok(())
@@ -210,10 +215,11 @@ pub unsafe extern "C" fn tf_conn_close(srv: *mut tf_server, conn: tf_conn_id) ->
 #[no_mangle]
 pub unsafe extern "C" fn tf_server_stats(srv: *const tf_server, out: *mut tf_stats) -> i32 {
     guard(|| {
-        // SAFETY: `srv` is NULL or a live tf_server; `out` NULL or writable.
-        let (s, out) = unsafe { (server(srv)?, arg_mut(out, "out")?) };
+        // SAFETY: `srv` is NULL or a live tf_server.
+        let s = unsafe { server(srv)? };
+        let out = super::arg_out(out, "out")?;
         let v = s.inner.stats()?;
-        *out = tf_stats {
+        let stats = tf_stats {
             connections_active: v.connections_active,
             connections_accepted: v.connections_accepted,
             connections_rejected: v.connections_rejected,
@@ -224,6 +230,9 @@ pub unsafe extern "C" fn tf_server_stats(srv: *const tf_server, out: *mut tf_sta
             closed_too_large: v.closed_too_large,
             closed_idle: v.closed_idle,
         };
+        // SAFETY: `out` is non-NULL and points to writable (possibly
+        // uninitialized) memory for one tf_stats.
+        unsafe { out.write(stats) };
         Ok(())
     })
 }
@@ -261,17 +270,22 @@ pub unsafe extern "C" fn tf_server_free(srv: *mut tf_server) {
             return Ok(());
         }
         // SAFETY: non-NULL pointers given here come from tf_server_start*
-        // (Box::into_raw) and are freed once, as documented.
-        let s = unsafe { Box::from_raw(srv) };
+        // and are live until this call. Only shared references exist while
+        // the loop may still run callbacks that use `srv`.
+        let s = unsafe { &*srv };
         if s.inner.check_process().is_err() {
-            std::mem::forget(s); // the parent's server: touch nothing
-        } else if s.inner.in_callback() {
-            let tf_server { inner, pull } = *s;
+            return Ok(()); // the parent's server: touch nothing, free nothing
+        }
+        if s.inner.in_callback() {
+            // SAFETY: freed once, as documented; no further callback runs, and
+            // the caller does not use `srv` after this call.
+            let tf_server { inner, pull } = *unsafe { Box::from_raw(srv) };
             drop(pull);
             inner.abandon_from_callback();
         } else {
             let _ = s.inner.stop(Duration::ZERO);
-            drop(s);
+            // SAFETY: the loop thread has been joined: nothing else uses `srv`.
+            drop(unsafe { Box::from_raw(srv) });
         }
         Ok(())
     });

@@ -43,6 +43,15 @@ pub struct Behaviour {
     pub close_after_message: AtomicBool,
     /// Call tf_send(conn, b"hi") from on_connect.
     pub greet: AtomicBool,
+    /// From on_close, send b"gone" to this connection (0: off).
+    pub notify_on_close: AtomicU64,
+    /// From on_message, call tf_server_stop on this other server (NULL: off).
+    pub stop_other: AtomicPtr<tf_server>,
+    pub stop_other_result: Mutex<Option<i32>>,
+    /// Sleep this long in on_message.
+    pub sleep_in_message_ms: AtomicU64,
+    /// connections_active as seen from inside each on_connect.
+    pub active_in_connect: Mutex<Vec<u64>>,
 }
 
 pub struct Recorder {
@@ -138,6 +147,10 @@ unsafe extern "C" fn on_connect(user: *mut c_void, conn: u64, peer: *const c_cha
     if r.behaviour.refuse.load(Ordering::SeqCst) {
         return 1;
     }
+    let mut st = tf_stats::default();
+    // SAFETY: srv is live during its callbacks.
+    unsafe { tf_server_stats(r.srv.load(Ordering::SeqCst), &mut st) };
+    r.behaviour.active_in_connect.lock().unwrap().push(st.connections_active);
     if r.behaviour.greet.load(Ordering::SeqCst) {
         // SAFETY: srv is the live server whose callback this is.
         let rc = unsafe { tf_send(r.srv.load(Ordering::SeqCst), conn, b"hi".as_ptr(), 2) };
@@ -162,6 +175,16 @@ unsafe extern "C" fn on_message(user: *mut c_void, conn: u64, data: *const u8, l
         let rc = unsafe { tf_send(srv, conn, data, len) };
         assert!(rc == TF_OK || rc == TF_ERR_FULL || rc == TF_ERR_NO_CONN, "tf_send in callback: {rc}");
     }
+    let other = r.behaviour.stop_other.load(Ordering::SeqCst);
+    if !other.is_null() {
+        // SAFETY: the other server is live; the library must refuse, not deadlock.
+        let rc = unsafe { tf_server_stop(other, 0) };
+        *r.behaviour.stop_other_result.lock().unwrap() = Some(rc);
+    }
+    let nap = r.behaviour.sleep_in_message_ms.load(Ordering::SeqCst);
+    if nap > 0 {
+        std::thread::sleep(Duration::from_millis(nap));
+    }
     if r.behaviour.stop_in_callback.load(Ordering::SeqCst) {
         // SAFETY: srv is live; the library must refuse, not deadlock.
         let rc = unsafe { tf_server_stop(srv, 0) };
@@ -184,6 +207,11 @@ unsafe extern "C" fn on_close(user: *mut c_void, conn: u64, reason: i32) {
     // SAFETY: srv is live during its callbacks.
     unsafe { tf_server_stats(r.srv.load(Ordering::SeqCst), &mut st) };
     r.stats_at_close.lock().unwrap().push(st);
+    let target = r.behaviour.notify_on_close.load(Ordering::SeqCst);
+    if target != 0 && target != conn {
+        // SAFETY: srv is live during its callbacks.
+        unsafe { tf_send(r.srv.load(Ordering::SeqCst), target, b"gone".as_ptr(), 4) };
+    }
     r.closes.fetch_add(1, Ordering::SeqCst);
     r.push(Ev::Close(conn, reason));
 }
