@@ -797,3 +797,16 @@ def test_install_and_build_with_pkg_config(lib, tmp_path, procs):
     run(["cc", *CFLAGS, f"-I{prefix}/include", EXAMPLES / "legacy_daemon" / "legacy_daemon.c",
          "-o", sexe, libdir / "libtcpframe.a", *lflags])  # fmt: skip
     assert "libtcpframe" not in run(["ldd", sexe]).stdout
+
+
+def test_the_sanitizer_build_is_really_active(tmp_path):
+    """Proves the ASan flags used above catch a real bug: a one-byte heap overflow."""
+    src = tmp_path / "overflow.c"
+    src.write_text(
+        "#include <stdlib.h>\n#include <string.h>\n"
+        "int main(void) { char *p = malloc(8); memset(p, 0, 9); free(p); return 0; }\n"
+    )
+    exe = tmp_path / "overflow"
+    run(["cc", "-std=c99", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", src, "-o", exe])
+    p = run([exe], timeout=60, check=False)
+    assert p.returncode != 0 and "heap-buffer-overflow" in p.stderr, p.stderr[-2000:]
