@@ -1,19 +1,24 @@
 /* echo_server: the smallest complete tcpframe host. Every frame a client sends
  * comes back to it unchanged; SIGINT/SIGTERM print the server's stats and stop.
  *
- *   echo_server [-q] [-b auto|poll|epoll] [ADDRESS]      (default 127.0.0.1:5882)
+ *   echo_server [-q] [-b auto|poll|epoll] [-c MAX_CONNECTIONS] [ADDRESS]
+ *                                                      (default 127.0.0.1:5882)
  *
  * Shows the three things every push-mode host needs: a tf_server handle the
  * callbacks can use, a signal handler that only sets a flag (the stop happens
- * on the main thread), and freeing user_data only after tf_server_stop. */
+ * on the main thread), and freeing user_data only after tf_server_stop.
+ *
+ * As a server meant to be loaded, it raises its descriptor limit to the hard
+ * limit and allows 100000 connections unless -c says otherwise (the library's
+ * own default is 4096). */
 #define _POSIX_C_SOURCE 200809L
 
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
-#include <pthread.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +28,7 @@
 
 #define DEFAULT_ADDRESS "127.0.0.1:5882"
 #define DRAIN_MS 1000
+#define DEFAULT_MAX_CONNECTIONS 100000u
 
 /* Signal handling: the handler only records the signal and writes one byte to a
  * pipe that the main thread waits on (the self-pipe trick). */
@@ -37,36 +43,12 @@ static void on_signal(int sig) {
     errno = saved;
 }
 
-/* The loop thread can run a callback before tf_server_start has handed the
- * server to us, so the first callback waits for main to publish it. After that
- * the loop thread keeps its own copy and never locks again. */
+/* tf_server_start writes the handle into app.srv before any callback runs,
+ * so callbacks read it without locking. */
 struct app {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int published;      /* guarded by mu: main has stored srv (or given up) */
-    tf_server *srv;     /* guarded by mu until published */
-    tf_server *loop_srv; /* loop thread only */
+    tf_server *srv;
     int quiet;
 };
-
-static tf_server *app_server(struct app *a) {
-    if (a->loop_srv == NULL) {
-        pthread_mutex_lock(&a->mu);
-        while (!a->published)
-            pthread_cond_wait(&a->cv, &a->mu);
-        a->loop_srv = a->srv;
-        pthread_mutex_unlock(&a->mu);
-    }
-    return a->loop_srv;
-}
-
-static void app_publish(struct app *a, tf_server *srv) {
-    pthread_mutex_lock(&a->mu);
-    a->srv = srv;
-    a->published = 1;
-    pthread_cond_broadcast(&a->cv);
-    pthread_mutex_unlock(&a->mu);
-}
 
 static int on_connect(void *user_data, tf_conn_id conn, const char *peer) {
     struct app *a = user_data;
@@ -79,9 +61,7 @@ static int on_connect(void *user_data, tf_conn_id conn, const char *peer) {
 
 static void on_message(void *user_data, tf_conn_id conn, const uint8_t *data, size_t len) {
     struct app *a = user_data;
-    tf_server *srv = app_server(a);
-    if (srv == NULL)
-        return;
+    tf_server *srv = a->srv;
     int32_t rc = tf_send(srv, conn, data, len);
     if (rc == TF_ERR_FULL) {
         /* The client does not read its echoes: drop it rather than buffer forever. */
@@ -125,8 +105,19 @@ static int parse_backend(const char *s, int32_t *out) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: echo_server [-q] [-b auto|poll|epoll] [ADDRESS]   (default %s)\n",
-            DEFAULT_ADDRESS);
+    fprintf(stderr,
+            "usage: echo_server [-q] [-b auto|poll|epoll] [-c MAX_CONNECTIONS] [ADDRESS]"
+            "   (default %s, %u connections)\n",
+            DEFAULT_ADDRESS, DEFAULT_MAX_CONNECTIONS);
+}
+
+/* Many connections need many descriptors: use all the hard limit allows. */
+static void raise_descriptor_limit(void) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        (void)setrlimit(RLIMIT_NOFILE, &rl);
+    }
 }
 
 static int install_signals(void) {
@@ -183,8 +174,9 @@ static void wait_for_signal(void) {
 int main(int argc, char **argv) {
     int quiet = 0;
     int32_t backend = TF_BACKEND_AUTO;
+    unsigned long max_conn = DEFAULT_MAX_CONNECTIONS;
     int opt;
-    while ((opt = getopt(argc, argv, "qb:h")) != -1) {
+    while ((opt = getopt(argc, argv, "qb:c:h")) != -1) {
         switch (opt) {
         case 'q':
             quiet = 1;
@@ -195,6 +187,15 @@ int main(int argc, char **argv) {
                 return 2;
             }
             break;
+        case 'c': {
+            char *end = NULL;
+            max_conn = strtoul(optarg, &end, 10);
+            if (end == optarg || *end != '\0' || max_conn == 0 || max_conn > UINT32_MAX) {
+                usage();
+                return 2;
+            }
+            break;
+        }
         default:
             usage();
             return opt == 'h' ? 0 : 2;
@@ -223,6 +224,13 @@ int main(int argc, char **argv) {
         close_wake_pipe();
         return 2;
     }
+    if (tf_config_set_max_connections(cfg, (uint32_t)max_conn) != TF_OK) {
+        fprintf(stderr, "echo_server: max connections: %s\n", tf_last_error());
+        tf_config_free(cfg);
+        close_wake_pipe();
+        return 2;
+    }
+    raise_descriptor_limit();
     if (tf_config_set_backend(cfg, backend) != TF_OK) {
         fprintf(stderr, "echo_server: backend: %s\n", tf_last_error());
         tf_config_free(cfg);
@@ -233,12 +241,6 @@ int main(int argc, char **argv) {
     struct app app;
     memset(&app, 0, sizeof app);
     app.quiet = quiet;
-    if (pthread_mutex_init(&app.mu, NULL) != 0 || pthread_cond_init(&app.cv, NULL) != 0) {
-        fprintf(stderr, "echo_server: pthread init failed\n");
-        tf_config_free(cfg);
-        close_wake_pipe();
-        return 1;
-    }
     tf_callbacks cb;
     memset(&cb, 0, sizeof cb);
     cb.user_data = &app;
@@ -246,17 +248,14 @@ int main(int argc, char **argv) {
     cb.on_message = on_message;
     cb.on_close = on_close;
 
-    tf_server *srv = NULL;
-    int32_t rc = tf_server_start(cfg, &cb, &srv);
+    int32_t rc = tf_server_start(cfg, &cb, &app.srv);
     tf_config_free(cfg); /* the server keeps its own copy */
-    app_publish(&app, rc == TF_OK ? srv : NULL);
     if (rc != TF_OK) {
         fprintf(stderr, "echo_server: start on %s: %s\n", address, tf_last_error());
-        pthread_cond_destroy(&app.cv);
-        pthread_mutex_destroy(&app.mu);
         close_wake_pipe();
         return 1;
     }
+    tf_server *srv = app.srv;
     printf("listening on port %u\n", (unsigned)tf_server_port(srv));
     fflush(stdout);
 
@@ -280,8 +279,6 @@ int main(int argc, char **argv) {
     fflush(stdout);
     tf_server_free(srv); /* no callback runs after stop, so app may go now */
 
-    pthread_cond_destroy(&app.cv);
-    pthread_mutex_destroy(&app.mu);
     close_wake_pipe();
     return exit_code;
 }
