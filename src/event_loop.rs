@@ -861,7 +861,7 @@ impl<H: Handler> EventLoop<H> {
             return;
         }
         let fd = sys::raw(&a.fd);
-        let _ = sys::set_nodelay(fd);
+        debug_assert!(sys::nodelay(fd).unwrap_or(true), "TCP_NODELAY is inherited from the listener");
         let id = self.next_id;
         self.next_id += 1;
         let conn = Conn::new(id, a.fd, self.max_frame, now);
@@ -1080,6 +1080,9 @@ impl<H: Handler> EventLoop<H> {
     fn finish(&mut self, slot: u32, mut conn: Conn) -> (u64, CloseReason) {
         let fd = sys::raw(&conn.fd);
         if conn.registered {
+            // Always explicit: if the host forked, a child may still hold the
+            // socket open, and epoll would keep reporting it under a token
+            // that a new connection may reuse.
             self.poller.delete(fd, slot as usize + FIRST_CONN);
         }
         if !conn.eof {

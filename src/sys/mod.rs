@@ -6,7 +6,7 @@ pub mod poll;
 mod socket;
 mod waker;
 
-pub use socket::{accept, discard_input, listen, raw, recv, send, set_nodelay, shutdown_write, Accepted};
+pub use socket::{accept, discard_input, listen, nodelay, raw, recv, send, Accepted};
 pub use waker::Waker;
 
 use std::io;

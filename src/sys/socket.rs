@@ -87,6 +87,9 @@ pub fn listen(addr: &SocketAddr, backlog: i32) -> io::Result<(OwnedFd, SocketAdd
     // SAFETY: `fd` was just returned by socket(2) and is owned by no one else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     set_int_opt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: small
+    // replies never wait for Nagle, at no system call per connection.
+    set_int_opt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
     let (storage, len) = to_sockaddr(addr);
     // SAFETY: `storage` holds a valid sockaddr of length `len`.
     cvt(unsafe { libc::bind(fd.as_raw_fd(), &storage as *const _ as *const libc::sockaddr, len) })?;
@@ -130,9 +133,21 @@ pub fn accept(listener: RawFd) -> io::Result<Accepted> {
     Ok(Accepted { fd, peer: from_sockaddr(&storage) })
 }
 
-/// Small replies must not wait for Nagle's algorithm.
-pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
-    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)
+/// Whether TCP_NODELAY is set (tests check that accepted sockets inherit it).
+pub fn nodelay(fd: RawFd) -> io::Result<bool> {
+    let mut v: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are live and sized for the option.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &mut v as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    })?;
+    Ok(v != 0)
 }
 
 /// recv(2) into `buf`, retrying EINTR. Ok(0) is end of stream.
@@ -171,12 +186,4 @@ pub fn discard_input(fd: RawFd, scratch: &mut [u8], max_reads: usize) -> (u64, b
         }
     }
     (total, false)
-}
-
-/// Half-closes the sending side: the peer reads end of stream after our data.
-pub fn shutdown_write(fd: RawFd) {
-    // SAFETY: plain shutdown(2) on a descriptor we own; errors are irrelevant here.
-    unsafe {
-        libc::shutdown(fd, libc::SHUT_WR);
-    }
 }
