@@ -42,6 +42,9 @@ install: lib
 bench:
 	bench/run.sh
 
+fuzz:
+	scripts/fuzz.sh $${FUZZ_SECS:-300}
+
 soak:
 	SOAK_SECS=$${SOAK_SECS:-300} $(CARGO) run --release --example soak
 

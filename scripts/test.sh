@@ -22,5 +22,8 @@ cargo test --quiet --features fault-injection --test faults
 step "soak: ${SOAK_SECS:=45} s of mixed load, exact echoes, bounded RSS"
 SOAK_SECS=$SOAK_SECS cargo run --quiet --release --example soak
 
+step "fuzz: the decoder and the output queue, ${FUZZ_SECS:=25} s each"
+scripts/fuzz.sh "$FUZZ_SECS"
+
 step "C tests, C examples (valgrind) and the Python package"
 python3 -m pytest -q tests/c tests/python
