@@ -71,7 +71,7 @@ pub enum Phase {
 pub const NIL: u32 = u32::MAX;
 
 /// Output buffers larger than this are freed rather than kept for reuse.
-pub const RETAIN_OUT: usize = 64 * 1024;
+pub const RETAIN_OUT: usize = 32 * 1024;
 
 #[derive(Debug)]
 pub struct Conn {
@@ -84,6 +84,8 @@ pub struct Conn {
     pub out_pos: usize,
     /// Start of the first frame not yet fully written (for frames_sent).
     pub out_boundary: usize,
+    /// Frames in `out` not yet counted as sent.
+    pub out_frames: u64,
     pub phase: Phase,
     /// End of stream or error seen on the read side: never read again.
     pub eof: bool,
@@ -116,6 +118,7 @@ impl Conn {
             out: Vec::new(),
             out_pos: 0,
             out_boundary: 0,
+            out_frames: 0,
             phase: Phase::Open,
             eof: false,
             paused: false,
@@ -198,7 +201,9 @@ impl Conn {
         if self.out.capacity() == 0 {
             self.out = spare();
         }
+        self.out.reserve(PREFIX_LEN + payload.len());
         frame::encode_into(&mut self.out, payload);
+        self.out_frames += 1;
     }
 
     /// Records that `n` more bytes reached the socket. Returns the frames
@@ -206,9 +211,10 @@ impl Conn {
     /// reuse (or dropped when large), so an idle connection holds none.
     pub fn wrote(&mut self, n: usize) -> (u64, Option<Vec<u8>>) {
         self.out_pos += n;
-        let frames = frame::frames_completed(&self.out, &mut self.out_boundary, self.out_pos);
         self.shared.release(n as u64);
         if self.out_pos == self.out.len() {
+            // Everything went: no need to walk the prefixes (the common case).
+            let frames = std::mem::take(&mut self.out_frames);
             self.out_pos = 0;
             self.out_boundary = 0;
             let mut buf = std::mem::take(&mut self.out);
@@ -216,6 +222,8 @@ impl Conn {
             let keep = (buf.capacity() <= RETAIN_OUT).then_some(buf);
             return (frames, keep);
         }
+        let frames = frame::frames_completed(&self.out, &mut self.out_boundary, self.out_pos);
+        self.out_frames -= frames;
         // Compact once the written part dominates, so the queue stays within
         // about twice its limit and never grows by re-appending.
         if self.out_pos >= RETAIN_OUT && self.out_pos * 2 >= self.out.len() {
@@ -233,6 +241,7 @@ impl Conn {
         self.out = Vec::new();
         self.out_pos = 0;
         self.out_boundary = 0;
+        self.out_frames = 0;
     }
 
     /// What the poller should watch for this connection now.

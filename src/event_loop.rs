@@ -35,8 +35,9 @@ const READS_PER_WAKE: usize = 16;
 const ACCEPTS_PER_WAKE: usize = 256;
 /// How long accepting pauses when descriptors run out and shedding failed.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// Output buffers kept for reuse by the whole loop.
-const POOL_MAX: usize = 64;
+/// Output buffers kept for reuse by the whole loop (each at most
+/// RETAIN_OUT bytes: at most 1 MiB in all).
+const POOL_MAX: usize = 32;
 /// A command arena larger than this is freed after use.
 const ARENA_RETAIN: usize = 1 << 20;
 /// Flush-and-close passes per iteration (callbacks in on_close may queue more).
@@ -220,8 +221,11 @@ impl State {
         let pool = &mut self.pool;
         if let Some(c) = self.conns.get_mut(slot as usize).and_then(|c| c.as_mut()) {
             c.push_frame(payload, || pool.pop().unwrap_or_default());
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(slot);
+            }
         }
-        self.mark_dirty(slot);
     }
 
     /// tf_send on the loop thread: checked and queued synchronously.
@@ -651,12 +655,13 @@ impl<H: Handler> EventLoop<H> {
             self.paused.push(slot);
             return self.sync_interest(slot);
         }
-        let mut decoder = {
+        let (mut decoder, cshared) = {
             let mut st = self.state.borrow_mut();
             st.current = (id, slot);
-            std::mem::replace(&mut st.conn_mut(slot).decoder, Decoder::new(self.max_frame))
+            let c = st.conn_mut(slot);
+            (std::mem::replace(&mut c.decoder, Decoder::new(self.max_frame)), c.shared.clone())
         };
-        let Self { shared, state, handler, scratch, .. } = self;
+        let Self { shared, handler, scratch, .. } = self;
         let stats = &shared.stats;
         let mut delivered = 0u64;
         let mut eof = false;
@@ -687,13 +692,13 @@ impl<H: Handler> EventLoop<H> {
                 }
                 handler.on_message(id, frame);
                 delivered += 1;
-                let st = state.borrow();
-                if st.get(slot).is_some_and(|c| {
-                    c.id == id && c.is_reading() && !c.shared.close_requested.load(Ordering::Relaxed)
-                }) {
-                    Flow::Continue
-                } else {
+                // During dispatch a connection stops being read only through
+                // tf_conn_close (which sets this flag first, on any thread) or
+                // a stop; nothing removes it before the close phase.
+                if cshared.close_requested.load(Ordering::Relaxed) {
                     Flow::Stop
+                } else {
+                    Flow::Continue
                 }
             });
             match fed {

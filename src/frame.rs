@@ -33,7 +33,7 @@ pub struct Decoder {
 }
 
 fn announced(prefix: &[u8]) -> u32 {
-    u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]])
+    u32::from_le_bytes(prefix[..PREFIX_LEN].try_into().expect("a prefix has four bytes"))
 }
 
 impl Decoder {
