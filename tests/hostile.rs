@@ -19,23 +19,6 @@ impl Rng {
     }
 }
 
-fn reset(s: TcpStream) {
-    // SO_LINGER 0: close() sends RST instead of FIN.
-    let l = libc::linger { l_onoff: 1, l_linger: 0 };
-    use std::os::fd::AsRawFd;
-    // SAFETY: a valid socket and a live linger struct of the right size.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &l as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as u32,
-        );
-    }
-    drop(s);
-}
-
 #[test]
 fn hostile_lengths_close_only_the_offender_without_reading_the_payload() {
     let srv = TestServer::start(Opts { max_frame: Some(64 * 1024), ..Opts::default() });

@@ -241,15 +241,6 @@ fn the_log_hook_reports_closes_for_cause_and_is_rate_limited() {
     assert!(log.len() <= 25, "rate limited: {} lines", log.len());
 }
 
-fn cpu_time() -> Duration {
-    // SAFETY: a zeroed rusage is valid and getrusage fills it.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a live rusage struct.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
 #[test]
 fn a_paused_connection_whose_peer_resets_does_not_make_the_loop_spin() {
     let p = Pull::start(Opts::default());
@@ -257,19 +248,7 @@ fn a_paused_connection_whose_peer_resets_does_not_make_the_loop_spin() {
     // More than the queue takes: the loop pauses this connection.
     s.write_all(&[0u8; 4 * 6000]).unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let l = libc::linger { l_onoff: 1, l_linger: 0 };
-    use std::os::fd::AsRawFd;
-    // SAFETY: a valid socket and a live linger struct.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &l as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as u32,
-        );
-    }
-    drop(s); // reset
+    reset(s);
     std::thread::sleep(Duration::from_millis(100));
     let before = cpu_time();
     std::thread::sleep(Duration::from_secs(1));

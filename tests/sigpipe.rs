@@ -3,23 +3,7 @@
 //! the process-wide signal disposition.
 mod common;
 use common::*;
-use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 use std::time::Duration;
-
-fn reset(s: TcpStream) {
-    let l = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: a valid socket and a live linger struct of the right size.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &l as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as u32,
-        );
-    }
-}
 
 #[test]
 fn writing_to_reset_peers_never_raises_sigpipe_in_the_host() {
