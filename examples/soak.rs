@@ -257,6 +257,12 @@ fn main() {
         let ms = |s: &str| Duration::from_millis(s.parse().unwrap());
         return client_main(args[2].parse().unwrap(), ms(&args[3]), ms(&args[4]));
     }
+    // Fix glibc's mmap threshold at its default (128 KiB) instead of letting
+    // it adapt upwards: frames of up to 1 MiB are then always mapped and
+    // unmapped, and the RSS figures measure what the library keeps, not
+    // where the allocator happened to place large blocks.
+    // SAFETY: mallopt only changes allocator tuning; called before any thread starts.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
     let secs: u64 = std::env::var("SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     let warm = Duration::from_secs((secs / 4).clamp(2, 15));
     let main_phase = Duration::from_secs(secs).saturating_sub(warm);
