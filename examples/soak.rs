@@ -315,7 +315,8 @@ fn main() {
                 break;
             }
             if line.trim() == "paused" {
-                std::thread::sleep(Duration::from_millis(300));
+                // Longer than the loop's quiet-second trim: caches handed back.
+                std::thread::sleep(Duration::from_millis(1500));
                 rss.push(rss_kib());
                 writeln!(to_child, "go").unwrap();
             } else if let Some(t) = line.strip_prefix("totals ") {

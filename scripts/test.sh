@@ -4,6 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\n==== %s\n' "$*"; }
 
+step "dependencies (installed only when missing)"
+scripts/deps.sh
+
 step "format and lint"
 cargo fmt --all -- --check
 cargo clippy --all-targets --features fault-injection -- -D warnings

@@ -40,6 +40,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const POOL_MAX: usize = 32;
 /// A command arena larger than this is freed after use.
 const ARENA_RETAIN: usize = 1 << 20;
+/// Caches are handed back after this long without any event.
+const QUIET_TRIM: Duration = Duration::from_secs(1);
 /// Flush-and-close passes per iteration (callbacks in on_close may queue more).
 const FLUSH_PASSES: usize = 4;
 /// While applying host commands, look for a due stop this often (bytes).
@@ -397,6 +399,10 @@ pub struct EventLoop<H: Handler> {
     paused: Vec<u32>,
     /// The listener is not watched while the pull queue is full.
     accept_blocked: bool,
+    /// When the loop last had something to do; after a quiet second the
+    /// caches (buffer pool, command arenas, id maps) are handed back.
+    last_busy: Instant,
+    trimmed: bool,
     log: Logger,
 }
 
@@ -468,6 +474,8 @@ impl<H: Handler> Starter<H> {
             shutdown_deadline: None,
             paused: Vec::new(),
             accept_blocked: false,
+            last_busy: Instant::now(),
+            trimmed: true,
             log: Logger { sink: self.log, shared: self.shared.clone(), buckets: Default::default() },
         };
         CURRENT.with(|c| {
@@ -491,6 +499,14 @@ impl<H: Handler> EventLoop<H> {
                 std::thread::sleep(Duration::from_millis(10)); // never spin on a broken poller
             }
             let now = Instant::now();
+            if self.events.is_empty() {
+                if !self.trimmed && now >= self.last_busy + QUIET_TRIM {
+                    self.trim();
+                }
+            } else {
+                self.last_busy = now;
+                self.trimmed = false;
+            }
             let events = std::mem::take(&mut self.events);
             // Host commands first: a close or a stop requested before this
             // wake-up takes effect before any more input is delivered.
@@ -551,6 +567,26 @@ impl<H: Handler> EventLoop<H> {
         }
     }
 
+    /// A quiet second: hand back what busy times left cached, so that a
+    /// server that went idle holds no more than its connections need.
+    fn trim(&mut self) {
+        self.trimmed = true;
+        self.cmds = Vec::new();
+        self.events = Vec::new();
+        {
+            let mut inbox = self.shared.lock_inbox();
+            if inbox.cmds.is_empty() {
+                inbox.cmds = Vec::new();
+            }
+            inbox.registry.shrink_to_fit();
+        }
+        let mut st = self.state.borrow_mut();
+        st.pool = Vec::new();
+        st.ids.shrink_to_fit();
+        st.dirty.shrink_to_fit();
+        st.closing.shrink_to_fit();
+    }
+
     /// Queued frames not yet written, or connections ready to be closed.
     fn has_ready_work(&self) -> bool {
         let st = self.state.borrow();
@@ -565,6 +601,9 @@ impl<H: Handler> EventLoop<H> {
             return 0;
         }
         let mut next: Option<Instant> = self.shutdown_deadline;
+        if !self.trimmed {
+            next = Some(next.map_or(self.last_busy + QUIET_TRIM, |n| n.min(self.last_busy + QUIET_TRIM)));
+        }
         let mut consider = |d: Instant| next = Some(next.map_or(d, |n| n.min(d)));
         if let Some(d) = self.accept_paused_until {
             consider(d);
