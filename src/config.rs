@@ -1,5 +1,8 @@
 //! Server configuration: the builder behind tf_config, validated on every set.
 
+// Safe Rust only: unsafe code lives in src/ffi/ and src/sys/.
+#![forbid(unsafe_code)]
+
 use crate::error::{Error, Result};
 use crate::sys::Backend;
 use std::fmt;

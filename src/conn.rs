@@ -1,6 +1,9 @@
 //! One connection's state, without sockets: its decoder, its output queue,
 //! and where it stands between open and closed. Pure logic, unit-tested.
 
+// Safe Rust only: unsafe code lives in src/ffi/ and src/sys/.
+#![forbid(unsafe_code)]
+
 use crate::frame::{self, Decoder, PREFIX_LEN};
 use crate::sys::Interest;
 use std::os::fd::OwnedFd;

@@ -1,6 +1,9 @@
 //! Errors as the C API reports them: a TF_ERR_* code and a message a user
 //! can act on.
 
+// Safe Rust only: unsafe code lives in src/ffi/ and src/sys/.
+#![forbid(unsafe_code)]
+
 use std::fmt;
 
 /// The C API's TF_ERR_* codes (TF_OK is 0 and has no variant).

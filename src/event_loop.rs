@@ -5,6 +5,9 @@
 //! call tf_send / tf_conn_close on its own server: those reach the state
 //! through a thread-local link, with no lock and no system call.
 
+// Safe Rust only: unsafe code lives in src/ffi/ and src/sys/.
+#![forbid(unsafe_code)]
+
 use crate::config::{Config, LogLevel, LogSink};
 use crate::conn::{encoded_len, CloseReason, Conn, NIL};
 use crate::error::{Error, Result};

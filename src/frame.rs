@@ -5,6 +5,9 @@
 //! kept for it, so a hostile prefix costs nothing. Bytes are kept only for a
 //! frame that is split across reads; whole frames are handed out in place.
 
+// Safe Rust only: unsafe code lives in src/ffi/ and src/sys/.
+#![forbid(unsafe_code)]
+
 /// Length of the default prefix: u32, little-endian, payload length only.
 pub const PREFIX_LEN: usize = 4;
 

@@ -2,6 +2,9 @@
 //! takes them with tf_server_poll on its own thread. The queue is bounded:
 //! when it is full the loop stops reading sockets (TCP backpressure).
 
+// Safe Rust only: unsafe code lives in src/ffi/ and src/sys/.
+#![forbid(unsafe_code)]
+
 use crate::conn::CloseReason;
 use crate::error::{Error, Result};
 use crate::event_loop::Handler;

@@ -2,6 +2,9 @@
 //! Host threads talk to the loop through `Shared`: a command arena behind one
 //! mutex, a coalesced wake-up, and counters.
 
+// Safe Rust only: unsafe code lives in src/ffi/ and src/sys/.
+#![forbid(unsafe_code)]
+
 use crate::config::Config;
 use crate::conn::{encoded_len, ConnShared};
 use crate::error::{Code, Error, Result};
