@@ -6,6 +6,18 @@
  *
  * Link with -ltcpframe (libtcpframe.so.0), or statically with libtcpframe.a
  * plus the system libraries listed in the README (or `pkg-config --static`).
+ *
+ * Wire format: each frame is a 4-byte little-endian payload length, then the
+ * payload; a zero-length frame is valid.
+ *
+ * Threading: each server runs one loop thread; all its callbacks run there,
+ * one at a time. tf_send, tf_conn_close and tf_server_stats may be called
+ * from any thread, including inside callbacks; tf_server_stop may not be
+ * called from inside a callback (it returns TF_ERR_INVALID there).
+ *
+ * Errors: every fallible function returns a TF_* code; tf_last_error() then
+ * holds a message for the calling thread. No Rust panic unwinds into C and
+ * no SIGPIPE is raised.
  */
 
 #ifndef TCPFRAME_H
