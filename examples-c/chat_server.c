@@ -12,7 +12,6 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
-#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,28 +35,13 @@ static void on_signal(int sig) {
 }
 
 struct room {
-    /* Handing the server handle to the loop thread (see echo_server.c). */
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int published;
+    /* Written by tf_server_start before any callback runs: no lock needed. */
     tf_server *srv;
-    tf_server *loop_srv;
     /* Loop thread only. */
     tf_conn_id *members;
     size_t count, cap;
     int quiet;
 };
-
-static tf_server *room_server(struct room *r) {
-    if (r->loop_srv == NULL) {
-        pthread_mutex_lock(&r->mu);
-        while (!r->published)
-            pthread_cond_wait(&r->cv, &r->mu);
-        r->loop_srv = r->srv;
-        pthread_mutex_unlock(&r->mu);
-    }
-    return r->loop_srv;
-}
 
 static int on_connect(void *user_data, tf_conn_id conn, const char *peer) {
     struct room *r = user_data;
@@ -79,9 +63,7 @@ static int on_connect(void *user_data, tf_conn_id conn, const char *peer) {
 
 static void on_message(void *user_data, tf_conn_id from, const uint8_t *data, size_t len) {
     struct room *r = user_data;
-    tf_server *srv = room_server(r);
-    if (srv == NULL)
-        return;
+    tf_server *srv = r->srv;
     for (size_t i = 0; i < r->count; i++) {
         tf_conn_id to = r->members[i];
         if (to == from)
@@ -145,17 +127,11 @@ int main(int argc, char **argv) {
     int code = 1;
     tf_config *cfg = NULL;
     tf_server *srv = NULL;
-    int sync_ok = 0;
 
     if (install_signals() != 0) {
         perror("chat_server: signals");
         goto out;
     }
-    if (pthread_mutex_init(&room.mu, NULL) != 0 || pthread_cond_init(&room.cv, NULL) != 0) {
-        fprintf(stderr, "chat_server: pthread init failed\n");
-        goto out;
-    }
-    sync_ok = 1;
     cfg = tf_config_new();
     if (cfg == NULL) {
         fprintf(stderr, "chat_server: out of memory\n");
@@ -172,17 +148,12 @@ int main(int argc, char **argv) {
     cb.on_connect = on_connect;
     cb.on_message = on_message;
     cb.on_close = on_close;
-    int32_t rc = tf_server_start(cfg, &cb, &srv);
-    pthread_mutex_lock(&room.mu);
-    room.srv = rc == TF_OK ? srv : NULL;
-    room.published = 1;
-    pthread_cond_broadcast(&room.cv);
-    pthread_mutex_unlock(&room.mu);
+    int32_t rc = tf_server_start(cfg, &cb, &room.srv);
     if (rc != TF_OK) {
         fprintf(stderr, "chat_server: start on %s: %s\n", address, tf_last_error());
-        srv = NULL;
         goto out;
     }
+    srv = room.srv;
     printf("listening on port %u\n", (unsigned)tf_server_port(srv));
     fflush(stdout);
 
@@ -205,10 +176,6 @@ out:
     tf_server_free(srv); /* after this no callback runs: the room can go */
     tf_config_free(cfg);
     free(room.members);
-    if (sync_ok) {
-        pthread_cond_destroy(&room.cv);
-        pthread_mutex_destroy(&room.mu);
-    }
     for (int i = 0; i < 2; i++)
         if (g_wake[i] >= 0)
             close(g_wake[i]);

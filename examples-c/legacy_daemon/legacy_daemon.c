@@ -18,7 +18,6 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <poll.h>
-#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -323,23 +322,8 @@ static int write_pidfile(const char *path) {
 /* ---- the server --------------------------------------------------------- */
 
 struct app {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int published;
-    tf_server *srv;
-    tf_server *loop_srv; /* loop thread only */
+    tf_server *srv; /* written by tf_server_start before any callback runs */
 };
-
-static tf_server *app_server(struct app *a) {
-    if (a->loop_srv == NULL) {
-        pthread_mutex_lock(&a->mu);
-        while (!a->published)
-            pthread_cond_wait(&a->cv, &a->mu);
-        a->loop_srv = a->srv;
-        pthread_mutex_unlock(&a->mu);
-    }
-    return a->loop_srv;
-}
 
 static int on_connect(void *user_data, tf_conn_id conn, const char *peer) {
     (void)user_data;
@@ -348,9 +332,7 @@ static int on_connect(void *user_data, tf_conn_id conn, const char *peer) {
 }
 
 static void on_message(void *user_data, tf_conn_id conn, const uint8_t *data, size_t len) {
-    tf_server *srv = app_server(user_data);
-    if (srv == NULL)
-        return;
+    tf_server *srv = ((struct app *)user_data)->srv;
     int32_t rc = tf_send(srv, conn, data, len);
     if (rc == TF_ERR_FULL) {
         log_line(LOG_LVL_WARNING, "connection %" PRIu64 " does not read; closing it", conn);
@@ -388,7 +370,7 @@ int main(int argc, char **argv) {
         return 2;
     }
 
-    int code = 1, ready_fd = -1, sync_ok = 0, pid_written = 0;
+    int code = 1, ready_fd = -1, pid_written = 0;
     char *pid_path = NULL, *log_path = NULL;
     tf_config *cfg = NULL;
     tf_server *srv = NULL;
@@ -432,11 +414,6 @@ int main(int argc, char **argv) {
         }
         pid_written = 1;
     }
-    if (pthread_mutex_init(&app.mu, NULL) != 0 || pthread_cond_init(&app.cv, NULL) != 0) {
-        log_line(LOG_LVL_ERR, "pthread init failed");
-        goto out;
-    }
-    sync_ok = 1;
 
     tf_callbacks cb;
     memset(&cb, 0, sizeof cb);
@@ -444,18 +421,13 @@ int main(int argc, char **argv) {
     cb.on_connect = on_connect;
     cb.on_message = on_message;
     cb.on_close = on_close;
-    int32_t rc = tf_server_start(cfg, &cb, &srv);
-    pthread_mutex_lock(&app.mu);
-    app.srv = rc == TF_OK ? srv : NULL;
-    app.published = 1;
-    pthread_cond_broadcast(&app.cv);
-    pthread_mutex_unlock(&app.mu);
+    int32_t rc = tf_server_start(cfg, &cb, &app.srv);
     if (rc != TF_OK) {
-        srv = NULL;
         log_line(LOG_LVL_ERR, "start on %s: %s", address, tf_last_error());
         report_ready(ready_fd, "error start on %s: %s\n", address, tf_last_error());
         goto out;
     }
+    srv = app.srv;
     unsigned port = tf_server_port(srv);
     log_line(LOG_LVL_NOTICE, "tcpframe %s listening on %s (port %u)", tf_version(), address, port);
     if (ready_fd >= 0) {
@@ -503,10 +475,6 @@ out:
         log_line(LOG_LVL_NOTICE, "exiting");
     if (ready_fd >= 0)
         close(ready_fd);
-    if (sync_ok) {
-        pthread_cond_destroy(&app.cv);
-        pthread_mutex_destroy(&app.mu);
-    }
     for (int i = 0; i < 2; i++)
         if (g_wake[i] >= 0)
             close(g_wake[i]);
