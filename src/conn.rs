@@ -191,6 +191,22 @@ impl Conn {
         }
     }
 
+    /// The reason on_close reports. A host close (tf_conn_close returned OK)
+    /// wins over the peer leaving or an I/O error found while flushing; once
+    /// stop has begun, everything but a host close is a shutdown.
+    pub fn reported_reason(&self, stopping: bool) -> CloseReason {
+        let mut reason = self.close_reason().unwrap_or(CloseReason::Io);
+        if matches!(reason, CloseReason::Peer | CloseReason::Io)
+            && self.shared.close_requested.load(Ordering::Acquire)
+        {
+            reason = CloseReason::Local;
+        }
+        if stopping && reason != CloseReason::Local {
+            reason = CloseReason::Shutdown;
+        }
+        reason
+    }
+
     pub fn close_reason(&self) -> Option<CloseReason> {
         match self.phase {
             Phase::Open => None,
@@ -354,6 +370,24 @@ mod tests {
         c.mark_closing(CloseReason::Local);
         c.mark_shutdown();
         assert_eq!(c.close_reason(), Some(CloseReason::Local));
+    }
+
+    #[test]
+    fn the_reported_reason_prefers_a_host_close_and_then_a_stop() {
+        let mut peer_left = conn();
+        peer_left.mark_closing(CloseReason::Peer);
+        assert_eq!(peer_left.reported_reason(false), CloseReason::Peer);
+        assert_eq!(peer_left.reported_reason(true), CloseReason::Shutdown);
+        peer_left.shared.close_requested.store(true, Ordering::Relaxed);
+        assert_eq!(peer_left.reported_reason(false), CloseReason::Local);
+        assert_eq!(peer_left.reported_reason(true), CloseReason::Local);
+        let mut too_large = conn();
+        too_large.mark_closing(CloseReason::TooLarge);
+        too_large.shared.close_requested.store(true, Ordering::Relaxed);
+        assert_eq!(too_large.reported_reason(false), CloseReason::TooLarge);
+        let mut idle = conn();
+        idle.mark_closing(CloseReason::Idle);
+        assert_eq!(idle.reported_reason(true), CloseReason::Shutdown);
     }
 
     #[test]

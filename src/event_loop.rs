@@ -304,11 +304,6 @@ pub fn on_any_loop_thread() -> bool {
     CURRENT.with(|cur| cur.borrow().is_some())
 }
 
-/// True on `shared`'s loop thread.
-pub fn on_loop_thread(shared: &Shared) -> bool {
-    CURRENT.with(|cur| cur.borrow().as_ref().is_some_and(|l| std::ptr::eq(l.shared, shared)))
-}
-
 /// tf_send from inside a callback of this server; None on any other thread.
 pub fn local_send(shared: &Shared, id: u64, payload: &[u8]) -> Option<Result<()>> {
     with_local(shared, |st| st.send(id, payload))
@@ -1137,16 +1132,7 @@ impl<H: Handler> EventLoop<H> {
             bump(&self.shared.stats.bytes_received, n);
         }
         conn.discard_output();
-        let mut reason = conn.close_reason().unwrap_or(CloseReason::Io);
-        if matches!(reason, CloseReason::Peer | CloseReason::Io)
-            && conn.shared.close_requested.load(Ordering::Acquire)
-        {
-            reason = CloseReason::Local; // the host had closed it: tf_conn_close said so
-        }
-        if reason != CloseReason::Local && self.shared.stopping.load(Ordering::Acquire) {
-            // Stop has begun: whatever else happened, it ends as a shutdown.
-            reason = CloseReason::Shutdown;
-        }
+        let reason = conn.reported_reason(self.shared.stopping.load(Ordering::Acquire));
         (conn.id, reason) // dropping `conn` closes the descriptor
     }
 

@@ -278,10 +278,6 @@ impl Server {
         self.local.port()
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local
-    }
-
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }

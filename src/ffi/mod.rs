@@ -20,6 +20,8 @@ pub use config::*;
 pub use pull::*;
 pub use server::*;
 
+use crate::config::LogLevel;
+use crate::conn::CloseReason;
 use crate::error::{Code, Error, Result};
 use once_cell::sync::Lazy;
 use std::cell::RefCell;
@@ -81,6 +83,13 @@ const _: () = {
     assert!(Code::Stopped as i32 == TF_ERR_STOPPED);
     assert!(Code::Io as i32 == TF_ERR_IO);
     assert!(Code::Internal as i32 == TF_ERR_INTERNAL);
+    assert!(CloseReason::Peer as i32 == TF_CLOSE_PEER);
+    assert!(CloseReason::Local as i32 == TF_CLOSE_LOCAL);
+    assert!(CloseReason::Shutdown as i32 == TF_CLOSE_SHUTDOWN);
+    assert!(CloseReason::Io as i32 == TF_CLOSE_IO);
+    assert!(CloseReason::TooLarge as i32 == TF_CLOSE_TOO_LARGE);
+    assert!(CloseReason::Idle as i32 == TF_CLOSE_IDLE);
+    assert!(LogLevel::Error as i32 == TF_LOG_ERROR && LogLevel::Debug as i32 == TF_LOG_DEBUG);
 };
 
 thread_local! {

@@ -13,6 +13,12 @@ pub const TF_EVENT_MESSAGE: i32 = 2;
 /// tf_event.kind: the connection ended; `reason` is a TF_CLOSE_* value.
 pub const TF_EVENT_CLOSE: i32 = 3;
 
+const _: () = {
+    assert!(crate::pull::EVENT_CONNECT == TF_EVENT_CONNECT);
+    assert!(crate::pull::EVENT_MESSAGE == TF_EVENT_MESSAGE);
+    assert!(crate::pull::EVENT_CLOSE == TF_EVENT_CLOSE);
+};
+
 /// One event of a pull-mode server. Events of one connection come in
 /// order: CONNECT, MESSAGEs, CLOSE.
 #[repr(C)]
