@@ -149,6 +149,11 @@ impl Conn {
         }
     }
 
+    /// Open, or closing gracefully: queued output will still be written.
+    pub fn is_flushing(&self) -> bool {
+        matches!(self.phase, Phase::Open | Phase::Closing { flush: true, .. })
+    }
+
     pub fn has_output(&self) -> bool {
         self.out_pos < self.out.len()
     }
@@ -388,6 +393,16 @@ mod tests {
         let mut idle = conn();
         idle.mark_closing(CloseReason::Idle);
         assert_eq!(idle.reported_reason(true), CloseReason::Shutdown);
+    }
+
+    #[test]
+    fn frames_accepted_before_a_close_or_stop_are_still_written_but_not_after_an_error() {
+        let mut c = conn();
+        assert!(c.is_flushing());
+        c.mark_shutdown();
+        assert!(c.is_flushing());
+        c.mark_closing(CloseReason::Io);
+        assert!(!c.is_flushing());
     }
 
     #[test]

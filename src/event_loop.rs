@@ -267,8 +267,8 @@ impl State {
         let Some(&slot) = self.ids.get(&id) else { return };
         let Some(c) = self.get_mut(slot) else { return };
         match kind {
-            CMD_SEND if c.takes_frames() || c.close_reason() == Some(CloseReason::Local) => {
-                // A send that was accepted before tf_conn_close is still written.
+            CMD_SEND if c.is_flushing() => {
+                // Accepted before tf_conn_close or stop: still written.
                 self.queue_frame(slot, payload)
             }
             CMD_SEND => c.shared.release(encoded_len(payload.len())),
@@ -939,11 +939,14 @@ impl<H: Handler> EventLoop<H> {
     fn drain_inbox(&mut self) {
         self.shared.waker.reset();
         self.shared.wake_pending.store(false, Ordering::SeqCst);
-        let mut stop = {
+        // Read under the same lock as the swap: a stop seen here comes after
+        // every command in the batch, so shutdown begins only once they are applied.
+        let stop = {
             let mut inbox = self.shared.lock_inbox();
             std::mem::swap(&mut inbox.cmds, &mut self.cmds);
             inbox.stop_deadline
         };
+        let mut give_up_at = stop;
         {
             let mut st = self.state.borrow_mut();
             let mut rest = &self.cmds[..];
@@ -960,10 +963,10 @@ impl<H: Handler> EventLoop<H> {
                 since_check += CMD_HEADER + len;
                 if since_check >= APPLY_CHECK_BYTES {
                     since_check = 0;
-                    if stop.is_none() && self.shared.stopping.load(Ordering::Acquire) {
-                        stop = self.shared.lock_inbox().stop_deadline;
+                    if give_up_at.is_none() && self.shared.stopping.load(Ordering::Acquire) {
+                        give_up_at = self.shared.lock_inbox().stop_deadline;
                     }
-                    if stop.is_some_and(|d| Instant::now() >= d) {
+                    if give_up_at.is_some_and(|d| Instant::now() >= d) {
                         break;
                     }
                 }

@@ -452,3 +452,21 @@ fn a_connection_waiting_in_the_backlog_when_stop_begins_gets_no_callback() {
     assert_eq!(srv.rec.connects(), vec![a_id], "no on_connect once stop has begun");
     assert_eq!(srv.rec.closes_of(a_id), vec![TF_CLOSE_SHUTDOWN]);
 }
+
+#[test]
+fn stop_drains_every_queued_frame_in_order() {
+    for _ in 0..30 {
+        let mut srv = TestServer::start(Opts { echo: false, ..Opts::default() });
+        let (mut s, id) = srv.connect_id();
+        let big = pattern(2 << 20, 5);
+        assert_eq!(srv.send(id, &big), TF_OK);
+        assert_eq!(srv.send(id, b"tail"), TF_OK);
+        let reader = std::thread::spawn(move || (read_frame(&mut s), read_frame(&mut s), wait_eof(&mut s)));
+        assert_eq!(srv.stop(3000), TF_OK);
+        let (first, second, eof) = reader.join().unwrap();
+        assert_eq!(first.as_deref(), Some(&big[..]));
+        assert_eq!(second.as_deref(), Some(&b"tail"[..]));
+        assert!(eof);
+        assert_eq!(srv.rec.closes_of(id), vec![TF_CLOSE_SHUTDOWN]);
+    }
+}
