@@ -343,6 +343,17 @@ class _ServerBase:
             raise StoppedError(C.TF_ERR_STOPPED, "server was never started")
         return self._h.enter()
 
+    def _call(self, name: str, *args) -> None:
+        """Calls a TF_* returning function on this server's handle, raising the
+        matching exception (with the library's message) on failure."""
+        ptr = self._enter()
+        try:
+            rc = _lib.func(name)(ptr, *args)
+            if rc:
+                raise error_for(rc, _last_error())
+        finally:
+            self._h.exit()  # type: ignore[union-attr]
+
     # -- calls ---------------------------------------------------------------
 
     def send(self, conn: int, data: Union[bytes, bytearray, memoryview]) -> None:
@@ -351,34 +362,16 @@ class _ServerBase:
         TooLargeError, FullError (nothing was queued) or StoppedError."""
         if type(data) is not bytes:
             data = bytes(data)
-        ptr = self._enter()
-        try:
-            rc = _lib.func("tf_send")(ptr, conn, data, len(data))
-            if rc:
-                raise error_for(rc, _last_error())
-        finally:
-            self._h.exit()  # type: ignore[union-attr]
+        self._call("tf_send", conn, data, len(data))
 
     def close(self, conn: int) -> None:
         """Stop reading from `conn`, write what is queued for it, then close it
         (on_close / CLOSE event with CloseReason.LOCAL follows). Any thread."""
-        ptr = self._enter()
-        try:
-            rc = _lib.func("tf_conn_close")(ptr, conn)
-            if rc:
-                raise error_for(rc, _last_error())
-        finally:
-            self._h.exit()  # type: ignore[union-attr]
+        self._call("tf_conn_close", conn)
 
     def stats(self) -> Stats:
         out = _lib.TfStats()
-        ptr = self._enter()
-        try:
-            rc = _lib.func("tf_server_stats")(ptr, ctypes.byref(out))
-            if rc:
-                raise error_for(rc, _last_error())
-        finally:
-            self._h.exit()  # type: ignore[union-attr]
+        self._call("tf_server_stats", ctypes.byref(out))
         return Stats(**{name: getattr(out, name) for name in _lib.STATS_FIELDS})
 
     def stop(self, drain_ms: int = 1000) -> None:
@@ -388,13 +381,7 @@ class _ServerBase:
         drain_ms = _uint("drain_ms", drain_ms, _U32_MAX)
         if self._h is None or self._h.gone:
             return
-        ptr = self._enter()
-        try:
-            rc = _lib.func("tf_server_stop")(ptr, drain_ms)
-            if rc:
-                raise error_for(rc, _last_error())
-        finally:
-            self._h.exit()  # type: ignore[union-attr]
+        self._call("tf_server_stop", drain_ms)
         self._stopped = True
         with _RUNNING_LOCK:
             _RUNNING.discard(self)
