@@ -1,0 +1,127 @@
+//! Closing: idle expiry, the close phase, final teardown of a connection,
+//! on_close reports, and closing everything at the end of a stop.
+
+#![forbid(unsafe_code)]
+
+use super::log::Topic;
+use super::{EventLoop, Handler, FIRST_CONN};
+use crate::config::LogLevel;
+use crate::conn::{CloseReason, Conn};
+use crate::server::{bump, drop_count};
+use crate::sys;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+impl<H: Handler> EventLoop<H> {
+    pub(super) fn expire_idle(&mut self, now: Instant) {
+        let Some(timeout) = self.idle_timeout else { return };
+        let mut expired = Vec::new();
+        {
+            let mut st = self.state.borrow_mut();
+            loop {
+                let head = st.idle_head;
+                let Some(c) = st.get(head) else { break };
+                if c.last_frame + timeout > now {
+                    break;
+                }
+                expired.push(c.id);
+                st.idle_unlink(head);
+                let c = st.conn_mut(head);
+                c.eof = true;
+                c.discard_output();
+                st.mark_closing(head, CloseReason::Idle);
+            }
+        }
+        for id in expired {
+            self.log.log(Topic::Close, LogLevel::Info, || {
+                format!("tcpframe: connection {id} closed: idle timeout")
+            });
+        }
+    }
+
+    /// Closes every connection that is marked and has nothing left to wait
+    /// for, then tells the host. Counters change before the callbacks run.
+    pub(super) fn close_phase(&mut self, now: Instant) {
+        let force = self.shutdown_deadline.is_some_and(|d| now >= d);
+        let list = std::mem::take(&mut self.state.borrow_mut().closing);
+        let mut keep = Vec::new();
+        let mut done: Vec<(u64, CloseReason)> = Vec::new();
+        for slot in list {
+            let ready = {
+                let st = self.state.borrow();
+                match st.get(slot) {
+                    None => continue,
+                    Some(c) => force || c.ready_to_close(),
+                }
+            };
+            if !ready {
+                keep.push(slot);
+                continue;
+            }
+            let conn = self.state.borrow_mut().remove(slot);
+            if let Some(conn) = conn {
+                done.push(self.finish(slot, conn));
+            }
+        }
+        self.state.borrow_mut().closing.extend(keep);
+        self.report_closed(done);
+    }
+
+    fn finish(&mut self, slot: u32, mut conn: Conn) -> (u64, CloseReason) {
+        let fd = sys::raw(&conn.fd);
+        if conn.registered {
+            // Always explicit: if the host forked, a child may still hold the
+            // socket open, and epoll would keep reporting it under a token
+            // that a new connection may reuse.
+            self.poller.delete(fd, slot as usize + FIRST_CONN);
+        }
+        if !conn.eof {
+            let (n, _) = sys::discard_input(fd, &mut self.scratch, 4);
+            bump(&self.shared.stats.bytes_received, n);
+        }
+        conn.discard_output();
+        let reason = conn.reported_reason(self.shared.stopping.load(Ordering::Acquire));
+        (conn.id, reason) // dropping `conn` closes the descriptor
+    }
+
+    fn report_closed(&mut self, done: Vec<(u64, CloseReason)>) {
+        if done.is_empty() {
+            return;
+        }
+        {
+            let mut inbox = self.shared.lock_inbox();
+            for (id, _) in &done {
+                inbox.registry.remove(id);
+            }
+        }
+        let stats = &self.shared.stats;
+        drop_count(&stats.connections_active, done.len() as u64);
+        for &(_, reason) in &done {
+            match reason {
+                CloseReason::TooLarge => bump(&stats.closed_too_large, 1),
+                CloseReason::Idle => bump(&stats.closed_idle, 1),
+                _ => {}
+            }
+        }
+        for (id, reason) in done {
+            // Re-checked each time: a callback may free the server.
+            if self.shared.silent.load(Ordering::Acquire) {
+                return;
+            }
+            self.handler.on_close(id, reason);
+        }
+    }
+
+    /// The drain is over: close whatever is left.
+    pub(super) fn close_all(&mut self) {
+        let slots: Vec<u32> = self.state.borrow().ids.values().copied().collect();
+        let mut done = Vec::new();
+        for slot in slots {
+            let conn = self.state.borrow_mut().remove(slot);
+            if let Some(conn) = conn {
+                done.push(self.finish(slot, conn));
+            }
+        }
+        self.report_closed(done);
+    }
+}

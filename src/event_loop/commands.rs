@@ -1,0 +1,100 @@
+//! Host commands and flow control: applying the inbox, beginning a stop,
+//! and resuming reads and accepts paused for a full pull queue.
+
+#![forbid(unsafe_code)]
+
+use super::{EventLoop, Handler, APPLY_CHECK_BYTES, ARENA_RETAIN, LISTENER};
+use crate::conn::CloseReason;
+use crate::server::CMD_HEADER;
+use crate::sys::{self, Interest};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+impl<H: Handler> EventLoop<H> {
+    /// Applies what host threads queued, and notices a stop request.
+    pub(super) fn drain_inbox(&mut self) {
+        self.shared.waker.reset();
+        self.shared.wake_pending.store(false, Ordering::SeqCst);
+        // Read under the same lock as the swap: a stop seen here comes after
+        // every command in the batch, so shutdown begins only once they are applied.
+        let stop = {
+            let mut inbox = self.shared.lock_inbox();
+            std::mem::swap(&mut inbox.cmds, &mut self.cmds);
+            inbox.stop_deadline
+        };
+        let mut give_up_at = stop;
+        {
+            let mut st = self.state.borrow_mut();
+            let mut rest = &self.cmds[..];
+            let mut since_check = 0usize;
+            while rest.len() >= CMD_HEADER {
+                let kind = rest[0];
+                let id = u64::from_le_bytes(rest[1..9].try_into().expect("8 bytes"));
+                let len = u32::from_le_bytes(rest[9..13].try_into().expect("4 bytes")) as usize;
+                let (payload, tail) = rest[CMD_HEADER..].split_at(len);
+                st.apply(kind, id, payload);
+                rest = tail;
+                // A huge batch must not hold a stop past its drain time:
+                // what is not applied by then could not be written anyway.
+                since_check += CMD_HEADER + len;
+                if since_check >= APPLY_CHECK_BYTES {
+                    since_check = 0;
+                    if give_up_at.is_none() && self.shared.stopping.load(Ordering::Acquire) {
+                        give_up_at = self.shared.lock_inbox().stop_deadline;
+                    }
+                    if give_up_at.is_some_and(|d| Instant::now() >= d) {
+                        break;
+                    }
+                }
+            }
+        }
+        self.cmds.clear();
+        if self.cmds.capacity() > ARENA_RETAIN {
+            self.cmds = Vec::new();
+        }
+        if let (Some(deadline), None) = (stop, self.shutdown_deadline) {
+            self.begin_shutdown(deadline);
+        }
+    }
+
+    /// Stop begins: no more accepts or messages; queued output may drain
+    /// until the deadline; every connection will close as a shutdown.
+    fn begin_shutdown(&mut self, deadline: Instant) {
+        self.shutdown_deadline = Some(deadline);
+        if let Some(l) = self.listener.take() {
+            self.poller.delete(sys::raw(&l), LISTENER);
+        }
+        self.spare_fd = None;
+        self.accept_paused_until = None;
+        let mut st = self.state.borrow_mut();
+        let slots: Vec<u32> = st.ids.values().copied().collect();
+        for slot in slots {
+            let c = st.conn_mut(slot);
+            c.mark_shutdown();
+            c.decoder.clear();
+            st.mark_closing(slot, CloseReason::Shutdown);
+        }
+    }
+
+    pub(super) fn resume_paused(&mut self, now: Instant) {
+        if (self.paused.is_empty() && !self.accept_blocked) || !self.handler.wants_input() {
+            return;
+        }
+        for slot in std::mem::take(&mut self.paused) {
+            {
+                let mut st = self.state.borrow_mut();
+                let Some(c) = st.get_mut(slot) else { continue };
+                c.paused = false;
+                // Waiting on the host is not the peer being idle.
+                st.idle_touch(slot, now);
+            }
+            self.sync_interest(slot);
+            // Data that arrived meanwhile is reported by the next wait.
+        }
+        if std::mem::take(&mut self.accept_blocked) && self.accept_paused_until.is_none() {
+            if let Some(l) = &self.listener {
+                let _ = self.poller.modify(sys::raw(l), LISTENER, Interest::READ);
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! `Starter`: what the loop needs, gathered on the host thread; `run`
+//! builds the `EventLoop` on the loop thread and runs it.
+
+#![forbid(unsafe_code)]
+
+use super::local::{Link, CURRENT};
+use super::log::{Logger, Topic};
+use super::{EventLoop, Handler, State, SCRATCH};
+use crate::config::{Config, LogLevel, LogSink};
+use crate::server::Shared;
+use crate::sys::{Backend, Poller};
+use std::cell::RefCell;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+impl<H: Handler> Starter<H> {
+    /// Gathers what the loop needs on the host thread; the loop's own state
+    /// (which holds an `Rc`) is created on the loop thread, in `run`.
+    pub fn new(
+        config: &Config,
+        shared: Arc<Shared>,
+        poller: Poller,
+        listener: OwnedFd,
+        local: SocketAddr,
+        backend: Backend,
+        handler: H,
+    ) -> Starter<H> {
+        Starter {
+            shared,
+            poller,
+            listener,
+            local,
+            backend,
+            handler,
+            max_connections: config.max_connections as usize,
+            max_frame: config.max_frame,
+            max_queued_output: config.max_queued_output,
+            idle_timeout: (config.idle_timeout_ms > 0)
+                .then(|| Duration::from_millis(config.idle_timeout_ms as u64)),
+            log: config.log.clone(),
+        }
+    }
+}
+
+/// Everything the loop needs, in a form that may move to the new thread.
+pub struct Starter<H: Handler> {
+    shared: Arc<Shared>,
+    poller: Poller,
+    listener: OwnedFd,
+    local: SocketAddr,
+    backend: Backend,
+    handler: H,
+    max_connections: usize,
+    max_frame: u32,
+    max_queued_output: u64,
+    idle_timeout: Option<Duration>,
+    log: Option<LogSink>,
+}
+
+impl<H: Handler> Starter<H> {
+    /// Runs the loop on the current thread until the server stops.
+    pub fn run(self) {
+        let state = Rc::new(RefCell::new(State::new(self.idle_timeout.is_some(), self.max_queued_output)));
+        let mut lp = EventLoop {
+            shared: self.shared.clone(),
+            state: state.clone(),
+            poller: self.poller,
+            listener: Some(self.listener),
+            local: self.local,
+            backend: self.backend,
+            handler: self.handler,
+            scratch: vec![0u8; SCRATCH],
+            events: Vec::with_capacity(256),
+            cmds: Vec::new(),
+            next_id: 1,
+            max_connections: self.max_connections,
+            max_frame: self.max_frame,
+            idle_timeout: self.idle_timeout,
+            spare_fd: File::open("/dev/null").ok(),
+            accept_paused_until: None,
+            shutdown_deadline: None,
+            paused: Vec::new(),
+            accept_blocked: false,
+            last_busy: Instant::now(),
+            trimmed: true,
+            log: Logger { sink: self.log, shared: self.shared.clone(), buckets: Default::default() },
+        };
+        CURRENT.with(|c| {
+            *c.borrow_mut() = Some(Link { shared: Arc::as_ptr(&lp.shared), state });
+        });
+        let (local, backend) = (lp.local, lp.backend);
+        lp.log.log(Topic::Lifecycle, LogLevel::Info, || {
+            format!("tcpframe: listening on {local} ({backend:?} backend)")
+        });
+        lp.run();
+        CURRENT.with(|c| c.borrow_mut().take());
+    }
+}
