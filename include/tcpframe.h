@@ -97,6 +97,13 @@
 #define TF_CLOSE_IDLE 5
 
 /**
+ * on_close reason: memory for this connection could not be had: the
+ * partial-frame budget (tf_config_set_max_buffered()) was full and it held
+ * the most, or an allocation failed.
+ */
+#define TF_CLOSE_OVERLOAD 9
+
+/**
  * Backend: epoll on Linux, poll(2) elsewhere (the default).
  */
 #define TF_BACKEND_AUTO 0
@@ -265,7 +272,8 @@ const char *tf_version(void);
 /**
  * A new configuration with every default: address "127.0.0.1:5882",
  * 4096 max connections, 8 MiB max frame, no idle timeout, 16 MiB max
- * queued output per connection, the platform's best backend, no log.
+ * queued output per connection, 10 s close timeout, 1 GiB of partial
+ * inbound frames in all, the platform's best backend, no log.
  *
  * Returns NULL only when out of memory.
  *
@@ -333,6 +341,25 @@ int32_t tf_config_set_idle_timeout_ms(struct tf_config *cfg, uint32_t ms);
 int32_t tf_config_set_max_queued_output(struct tf_config *cfg, uint64_t bytes);
 
 /**
+ * Sets how long tf_conn_close() waits for a connection's queued output to
+ * be written (default 10000 ms). A peer that does not read within it is
+ * reset; on_close still reports TF_CLOSE_LOCAL. 0 is TF_ERR_INVALID.
+ *
+ * **Thread:** any thread, one at a time per configuration.
+ */
+int32_t tf_config_set_close_timeout_ms(struct tf_config *cfg, uint32_t ms);
+
+/**
+ * Sets the budget for the bytes of partial inbound frames held by all
+ * connections of the server together (default 1 GiB, 1073741824). When a
+ * read would take the total past it, the connection holding the most
+ * partial-frame bytes is closed with TF_CLOSE_OVERLOAD. 0 is TF_ERR_INVALID.
+ *
+ * **Thread:** any thread, one at a time per configuration.
+ */
+int32_t tf_config_set_max_buffered(struct tf_config *cfg, uint64_t bytes);
+
+/**
  * Chooses the event-loop backend: TF_BACKEND_AUTO (default), TF_BACKEND_POLL
  * or TF_BACKEND_EPOLL (Linux only). Any other value is TF_ERR_INVALID.
  *
@@ -391,7 +418,9 @@ int tf_server_fd(const struct tf_server *srv);
  * the server has stopped and every event was taken; TF_ERR_INVALID for
  * NULL pointers, `max` 0, or a callback-mode server.
  *
- * **Thread:** any thread, one at a time per server.
+ * **Thread:** any thread, one at a time per server. A call with timeout 0
+ * never waits: while another thread is inside tf_server_poll() on the same
+ * server it returns TF_OK with `*count` 0.
  * **Ownership:** data pointers in the events stay valid until the next
  * tf_server_poll() on this server or tf_server_free().
  */
@@ -441,13 +470,36 @@ int32_t tf_send(struct tf_server *srv, tf_conn_id conn, const uint8_t *data, siz
 
 /**
  * Stops reading from `conn`, writes what is already queued for it, then
- * closes it; on_close(TF_CLOSE_LOCAL) follows on the loop thread. After
- * it, tf_send on `conn` returns TF_ERR_NO_CONN, and so does a second
- * tf_conn_close. TF_ERR_STOPPED once stop has begun.
+ * closes it; on_close(TF_CLOSE_LOCAL) follows on the loop thread. A peer
+ * that has not read it all within the close timeout (default 10 s, see
+ * tf_config_set_close_timeout_ms()) is reset, still as TF_CLOSE_LOCAL;
+ * tf_conn_abort() gives up at once. After it, tf_send on `conn` returns
+ * TF_ERR_NO_CONN, and so does a second tf_conn_close.
+ *
+ * Returns TF_OK; TF_ERR_NO_CONN for an unknown or closed id, or one
+ * already closing for another reason (too large, idle, I/O error, overload,
+ * peer gone): its on_close then carries that reason; TF_ERR_STOPPED once
+ * stop has begun.
  *
  * **Thread:** any thread, including inside callbacks.
  */
 int32_t tf_conn_close(struct tf_server *srv, tf_conn_id conn);
+
+/**
+ * Closes `conn` now: its queued output is discarded and the socket is
+ * reset (the peer sees a connection reset); on_close(TF_CLOSE_LOCAL)
+ * follows on the loop thread. Also allowed after tf_conn_close(), to give
+ * up on a peer that does not read what it is owed. After it, tf_send on
+ * `conn` returns TF_ERR_NO_CONN.
+ *
+ * Returns TF_OK; TF_ERR_NO_CONN for an unknown id, one whose on_close has
+ * run (or is due: its pull-mode CLOSE event was produced), or one already
+ * closing for a reason of its own (too large, idle, I/O error, overload);
+ * TF_ERR_STOPPED once stop has begun; TF_ERR_INVALID for NULL.
+ *
+ * **Thread:** any thread, including inside callbacks.
+ */
+int32_t tf_conn_abort(struct tf_server *srv, tf_conn_id conn);
 
 /**
  * Copies the server's counters into `*out` (a consistent-enough snapshot).
@@ -474,12 +526,26 @@ int32_t tf_server_stop(struct tf_server *srv, uint32_t drain_ms);
 
 /**
  * Stops the server (drain 0) if it is still running, then frees it. NULL
- * is fine. Called from inside one of its own callbacks, it stops the
- * server without waiting and runs no further callback; the loop thread
- * then ends on its own. In a child process forked after the server
- * started, it frees nothing the parent uses (the memory is left as is).
+ * is fine. When it returns, no callback of the server will run again
+ * (so its user_data may be freed), with the two exceptions below.
  *
- * **Thread:** any thread, once per server.
+ * - From inside one of the server's OWN callbacks: it returns at once; no
+ *   callback of that server runs afterwards, not even on_close for the
+ *   connections still open (the host is tearing it down); its listener and
+ *   connections are closed by its loop thread within about a second, as
+ *   soon as the calling callback has returned.
+ * - From inside a callback of ANOTHER server it waits like a call from any
+ *   thread. But if the server being freed is itself, at that moment, inside
+ *   a callback waiting to free the caller's server (two servers freeing
+ *   each other), waiting would deadlock: then this call returns at once,
+ *   and the freed server runs no callback after the one in progress (the
+ *   one that is freeing the caller's server) returns.
+ *
+ * In a child process forked after the server started, it frees nothing the
+ * parent uses (the memory is left as is).
+ *
+ * **Thread:** any thread, once per server, including inside callbacks of
+ * this or another server, and thread-exit destructors.
  * **Ownership:** `srv` is invalid afterwards, and so are event data pointers.
  */
 void tf_server_free(struct tf_server *srv);

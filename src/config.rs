@@ -29,6 +29,10 @@ pub struct Config {
     pub max_frame: u32,
     pub idle_timeout_ms: u32,
     pub max_queued_output: u64,
+    /// How long a tf_conn_close waits for queued output before a reset.
+    pub close_timeout_ms: u32,
+    /// Budget for partial inbound frames, all connections together.
+    pub max_buffered: u64,
     /// None: the platform's best (epoll on Linux).
     pub backend: Option<Backend>,
     pub log: Option<LogSink>,
@@ -44,6 +48,8 @@ impl Default for Config {
             max_frame: 8 * 1024 * 1024,
             idle_timeout_ms: 0,
             max_queued_output: 16 * 1024 * 1024,
+            close_timeout_ms: 10_000,
+            max_buffered: 1 << 30,
             backend: None,
             log: None,
         }
@@ -58,6 +64,8 @@ impl fmt::Debug for Config {
             .field("max_frame", &self.max_frame)
             .field("idle_timeout_ms", &self.idle_timeout_ms)
             .field("max_queued_output", &self.max_queued_output)
+            .field("close_timeout_ms", &self.close_timeout_ms)
+            .field("max_buffered", &self.max_buffered)
             .field("backend", &self.backend)
             .field("log", &self.log.is_some())
             .finish()
@@ -103,6 +111,22 @@ impl Config {
         Ok(())
     }
 
+    pub fn set_close_timeout_ms(&mut self, ms: u32) -> Result<()> {
+        if ms == 0 {
+            return Err(Error::invalid("close timeout must be at least 1 ms"));
+        }
+        self.close_timeout_ms = ms;
+        Ok(())
+    }
+
+    pub fn set_max_buffered(&mut self, bytes: u64) -> Result<()> {
+        if bytes == 0 {
+            return Err(Error::invalid("max buffered must be at least 1 byte"));
+        }
+        self.max_buffered = bytes;
+        Ok(())
+    }
+
     /// 0 auto, 1 poll, 2 epoll (Linux only).
     pub fn set_backend(&mut self, backend: i32) -> Result<()> {
         self.backend = match backend {
@@ -134,6 +158,8 @@ mod tests {
         assert_eq!(c.max_frame, 8_388_608);
         assert_eq!(c.idle_timeout_ms, 0);
         assert_eq!(c.max_queued_output, 16 << 20);
+        assert_eq!(c.close_timeout_ms, 10_000);
+        assert_eq!(c.max_buffered, 1 << 30);
     }
 
     #[test]
@@ -142,6 +168,10 @@ mod tests {
         assert!(c.set_max_connections(0).is_err());
         assert!(c.set_max_frame(0).is_err());
         assert!(c.set_max_queued_output(0).is_err());
+        assert!(c.set_close_timeout_ms(0).is_err());
+        assert!(c.set_max_buffered(0).is_err());
+        assert_eq!(c.close_timeout_ms, 10_000);
+        assert_eq!(c.max_buffered, 1 << 30);
         assert_eq!(c.max_connections, 4096);
         assert_eq!(c.max_frame, 8_388_608);
         assert!(c.set_max_frame(u32::MAX).is_ok());

@@ -1,13 +1,15 @@
 //! One connection's state, without sockets: its decoder, its output queue,
 //! and where it stands between open and closed. Pure logic, unit-tested.
+//! (The output queue itself lives in outq.rs.)
 
 // Safe Rust only: unsafe code lives in src/ffi/ and src/sys/.
 #![forbid(unsafe_code)]
 
-use crate::frame::{self, Decoder, PREFIX_LEN};
+use crate::frame::{Decoder, PREFIX_LEN};
+use crate::outq::{OutOfMemory, OutQueue};
 use crate::sys::Interest;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,6 +23,7 @@ pub enum CloseReason {
     Io = 3,
     TooLarge = 4,
     Idle = 5,
+    Overload = 9,
 }
 
 impl CloseReason {
@@ -30,12 +33,23 @@ impl CloseReason {
     }
 }
 
+/// `ConnShared::closing` values: where the loop says the connection stands.
+pub const OPEN: u8 = 0;
+/// The peer ended its stream: replies are still written (half-close).
+pub const HALF_CLOSED: u8 = 1;
+/// Closing for a reason of the loop's own: takes no more frames.
+pub const GONE: u8 = 2;
+
 /// The part of a connection that host threads see: whether a close was
-/// requested, and how many output bytes are queued against the limit.
+/// requested, where the loop says it stands, and how many output bytes are
+/// queued against the limit.
 #[derive(Debug, Default)]
 pub struct ConnShared {
     pub queued: AtomicU64,
+    /// tf_conn_close or tf_conn_abort returned TF_OK for it.
     pub close_requested: AtomicBool,
+    /// OPEN, HALF_CLOSED or GONE; written by the loop only.
+    pub closing: AtomicU8,
 }
 
 /// Why a frame could not be queued.
@@ -56,6 +70,11 @@ impl ConnShared {
     pub fn release(&self, n: u64) {
         self.queued.fetch_sub(n, Ordering::AcqRel);
     }
+
+    /// tf_send may still queue frames for it (as far as host threads can tell).
+    pub fn takes_frames(&self) -> bool {
+        !self.close_requested.load(Ordering::Acquire) && self.closing.load(Ordering::Acquire) != GONE
+    }
 }
 
 /// Where a connection stands. Reasons are decided once: the first one wins,
@@ -73,23 +92,19 @@ pub enum Phase {
 
 pub const NIL: u32 = u32::MAX;
 
-/// Output buffers larger than this are freed rather than kept for reuse.
-pub const RETAIN_OUT: usize = 32 * 1024;
-
 #[derive(Debug)]
 pub struct Conn {
     pub id: u64,
     pub fd: OwnedFd,
     pub shared: Arc<ConnShared>,
     pub decoder: Decoder,
-    /// Encoded frames waiting for the socket; `out[..out_pos]` is written.
-    pub out: Vec<u8>,
-    pub out_pos: usize,
-    /// Start of the first frame not yet fully written (for frames_sent).
-    pub out_boundary: usize,
-    /// Frames in `out` not yet counted as sent.
-    pub out_frames: u64,
+    /// Partial-frame bytes of this connection counted in the server's budget.
+    pub buffered: usize,
+    /// Encoded frames waiting for the socket.
+    pub out: OutQueue,
     pub phase: Phase,
+    /// Closed by tf_conn_abort or a close timeout: reset, not a graceful FIN.
+    pub reset: bool,
     /// End of stream or error seen on the read side: never read again.
     pub eof: bool,
     /// The host's event queue is full (pull mode): not reading for now.
@@ -118,11 +133,10 @@ impl Conn {
             fd,
             shared: Arc::new(ConnShared::default()),
             decoder: Decoder::new(max_frame),
-            out: Vec::new(),
-            out_pos: 0,
-            out_boundary: 0,
-            out_frames: 0,
+            buffered: 0,
+            out: OutQueue::default(),
             phase: Phase::Open,
+            reset: false,
             eof: false,
             paused: false,
             want_write: false,
@@ -155,13 +169,13 @@ impl Conn {
     }
 
     pub fn has_output(&self) -> bool {
-        self.out_pos < self.out.len()
+        !self.out.is_empty()
     }
 
     /// Marks the connection for closing. Returns false when it already was
     /// (the first reason stands).
     pub fn mark_closing(&mut self, reason: CloseReason) -> bool {
-        match self.phase {
+        let first = match self.phase {
             Phase::Open => {
                 self.phase = Phase::Closing { reason, flush: reason.is_graceful() };
                 true
@@ -173,7 +187,31 @@ impl Conn {
                 }
                 false
             }
-        }
+        };
+        self.publish_phase();
+        first
+    }
+
+    /// Tells host threads whether the connection still takes frames.
+    fn publish_phase(&self) {
+        let state = match self.phase {
+            Phase::Open => OPEN,
+            Phase::Closing { reason: CloseReason::Peer, flush: true } => HALF_CLOSED,
+            Phase::Closing { .. } => GONE,
+        };
+        self.shared.closing.store(state, Ordering::Release);
+    }
+
+    /// tf_conn_abort, or a close whose output could not be written in time:
+    /// drop what is queued and reset the connection. The reason stays (a
+    /// host close is reported as TF_CLOSE_LOCAL through close_requested).
+    pub fn abort(&mut self) -> u64 {
+        let reason = self.close_reason().unwrap_or(CloseReason::Local);
+        self.phase = Phase::Closing { reason, flush: false };
+        self.publish_phase();
+        self.reset = true;
+        self.eof = true;
+        self.discard_output()
     }
 
     /// The server is stopping: every close the host did not ask for becomes
@@ -186,6 +224,7 @@ impl Conn {
             }
             Phase::Open => self.phase = Phase::Closing { reason: CloseReason::Shutdown, flush: true },
         }
+        self.publish_phase();
     }
 
     /// Ready for the close phase: marked, and nothing left to wait for.
@@ -196,14 +235,13 @@ impl Conn {
         }
     }
 
-    /// The reason on_close reports. A host close (tf_conn_close returned OK)
-    /// wins over the peer leaving or an I/O error found while flushing; once
-    /// stop has begun, everything but a host close is a shutdown.
+    /// The reason on_close reports. A host close (tf_conn_close or
+    /// tf_conn_abort returned OK) is reported as such whatever happened
+    /// after it; once stop has begun, everything but a host close is a
+    /// shutdown.
     pub fn reported_reason(&self, stopping: bool) -> CloseReason {
         let mut reason = self.close_reason().unwrap_or(CloseReason::Io);
-        if matches!(reason, CloseReason::Peer | CloseReason::Io)
-            && self.shared.close_requested.load(Ordering::Acquire)
-        {
+        if self.shared.close_requested.load(Ordering::Acquire) {
             reason = CloseReason::Local;
         }
         if stopping && reason != CloseReason::Local {
@@ -220,52 +258,27 @@ impl Conn {
     }
 
     /// Appends one frame to the output queue; the caller reserved its bytes.
-    /// `spare` is an empty buffer to adopt when the queue has none.
-    pub fn push_frame(&mut self, payload: &[u8], spare: impl FnOnce() -> Vec<u8>) {
-        if self.out.capacity() == 0 {
-            self.out = spare();
-        }
-        self.out.reserve(PREFIX_LEN + payload.len());
-        frame::encode_into(&mut self.out, payload);
-        self.out_frames += 1;
+    /// `spare` offers empty buffers to reuse. On failure nothing is queued.
+    pub fn push_frame(
+        &mut self,
+        payload: &[u8],
+        spare: &mut dyn FnMut() -> Option<Vec<u8>>,
+    ) -> Result<(), OutOfMemory> {
+        self.out.push_frame(payload, spare)
     }
 
     /// Records that `n` more bytes reached the socket. Returns the frames
-    /// completed by them. When the queue empties its buffer is returned for
-    /// reuse (or dropped when large), so an idle connection holds none.
-    pub fn wrote(&mut self, n: usize) -> (u64, Option<Vec<u8>>) {
-        self.out_pos += n;
+    /// completed by them; written chunks go to `recycle`.
+    pub fn wrote(&mut self, n: usize, recycle: &mut dyn FnMut(Vec<u8>)) -> u64 {
         self.shared.release(n as u64);
-        if self.out_pos == self.out.len() {
-            // Everything went: no need to walk the prefixes (the common case).
-            let frames = std::mem::take(&mut self.out_frames);
-            self.out_pos = 0;
-            self.out_boundary = 0;
-            let mut buf = std::mem::take(&mut self.out);
-            buf.clear();
-            let keep = (buf.capacity() <= RETAIN_OUT).then_some(buf);
-            return (frames, keep);
-        }
-        let frames = frame::frames_completed(&self.out, &mut self.out_boundary, self.out_pos);
-        self.out_frames -= frames;
-        // Compact once the written part dominates, so the queue stays within
-        // about twice its limit and never grows by re-appending.
-        if self.out_pos >= RETAIN_OUT && self.out_pos * 2 >= self.out.len() {
-            self.out.drain(..self.out_boundary);
-            self.out_pos -= self.out_boundary;
-            self.out_boundary = 0;
-        }
-        (frames, None)
+        self.out.wrote(n, recycle)
     }
 
-    /// Drops unsent output (the connection is going away).
-    pub fn discard_output(&mut self) {
-        let unsent = (self.out.len() - self.out_pos) as u64;
+    /// Drops unsent output (the connection is going away); returns its size.
+    pub fn discard_output(&mut self) -> u64 {
+        let unsent = self.out.discard() as u64;
         self.shared.release(unsent);
-        self.out = Vec::new();
-        self.out_pos = 0;
-        self.out_boundary = 0;
-        self.out_frames = 0;
+        unsent
     }
 
     /// What the poller should watch for this connection now.
@@ -303,49 +316,17 @@ mod tests {
     }
 
     #[test]
-    fn writes_count_whole_frames_and_release_the_buffer_when_empty() {
+    fn written_bytes_release_the_reservation() {
         let mut c = conn();
         for p in [&b"abc"[..], b"", b"hello"] {
             c.shared.reserve(encoded_len(p.len()), 1 << 20).unwrap();
-            c.push_frame(p, Vec::new);
+            c.push_frame(p, &mut || None).unwrap();
         }
-        assert_eq!(c.out.len(), 7 + 4 + 9);
-        assert_eq!(c.wrote(5).0, 0);
-        assert_eq!(c.wrote(6).0, 2);
-        let (frames, buf) = c.wrote(9);
-        assert_eq!(frames, 1);
-        assert!(buf.is_some(), "a small buffer is handed back for reuse");
-        assert_eq!(c.out.capacity(), 0, "an idle connection holds no output buffer");
+        assert_eq!(c.wrote(11, &mut drop), 2);
+        assert_eq!(c.shared.queued.load(Ordering::Relaxed), 9);
+        assert_eq!(c.discard_output(), 9);
         assert_eq!(c.shared.queued.load(Ordering::Relaxed), 0);
         assert!(!c.has_output());
-    }
-
-    #[test]
-    fn a_large_output_buffer_is_freed_not_kept() {
-        let mut c = conn();
-        let big = vec![0u8; RETAIN_OUT * 2];
-        c.shared.reserve(encoded_len(big.len()), u64::MAX).unwrap();
-        c.push_frame(&big, Vec::new);
-        let (_, buf) = c.wrote(big.len() + 4);
-        assert!(buf.is_none());
-    }
-
-    #[test]
-    fn partial_writes_compact_the_queue_at_frame_boundaries() {
-        let mut c = conn();
-        let p = vec![1u8; 40_000];
-        for _ in 0..4 {
-            c.shared.reserve(encoded_len(p.len()), u64::MAX).unwrap();
-            c.push_frame(&p, Vec::new);
-        }
-        let total = c.out.len();
-        let (frames, _) = c.wrote(100_000);
-        assert_eq!(frames, 2);
-        assert!(c.out.len() < total, "written whole frames were dropped from the front");
-        let rest = c.out.len() - c.out_pos;
-        assert_eq!(rest, total - 100_000);
-        let (frames, _) = c.wrote(rest);
-        assert_eq!(frames, 2);
     }
 
     #[test]
@@ -355,7 +336,7 @@ mod tests {
         assert!(!c.mark_closing(CloseReason::Peer));
         assert_eq!(c.close_reason(), Some(CloseReason::Local));
         c.shared.reserve(5, 100).unwrap();
-        c.push_frame(b"x", Vec::new);
+        c.push_frame(b"x", &mut || None).unwrap();
         assert!(!c.ready_to_close(), "a graceful close waits for queued output");
         c.mark_closing(CloseReason::Io);
         assert_eq!(c.close_reason(), Some(CloseReason::Local));
@@ -389,6 +370,9 @@ mod tests {
         let mut too_large = conn();
         too_large.mark_closing(CloseReason::TooLarge);
         too_large.shared.close_requested.store(true, Ordering::Relaxed);
+        assert_eq!(too_large.reported_reason(false), CloseReason::Local, "tf_conn_close said OK first");
+        let mut too_large = conn();
+        too_large.mark_closing(CloseReason::TooLarge);
         assert_eq!(too_large.reported_reason(false), CloseReason::TooLarge);
         let mut idle = conn();
         idle.mark_closing(CloseReason::Idle);
@@ -417,11 +401,31 @@ mod tests {
     }
 
     #[test]
+    fn host_threads_see_whether_a_connection_takes_frames() {
+        let mut c = conn();
+        assert!(c.shared.takes_frames());
+        c.mark_closing(CloseReason::Peer);
+        assert_eq!(c.shared.closing.load(Ordering::Relaxed), HALF_CLOSED);
+        assert!(c.shared.takes_frames(), "a half-closed peer still gets replies");
+        let mut d = conn();
+        d.mark_closing(CloseReason::TooLarge);
+        assert!(!d.shared.takes_frames());
+        let mut e = conn();
+        e.shared.reserve(5, 100).unwrap();
+        e.push_frame(b"x", &mut || None).unwrap();
+        e.mark_closing(CloseReason::Local);
+        assert!(!e.ready_to_close());
+        assert_eq!(e.abort(), 5);
+        assert!(e.ready_to_close() && e.reset);
+        assert_eq!(e.close_reason(), Some(CloseReason::Local));
+    }
+
+    #[test]
     fn interest_follows_eof_pause_and_pending_output() {
         let mut c = conn();
         assert_eq!(c.wanted_interest(), Interest::READ);
         c.shared.reserve(5, 100).unwrap();
-        c.push_frame(b"x", Vec::new);
+        c.push_frame(b"x", &mut || None).unwrap();
         c.want_write = true;
         assert_eq!(c.wanted_interest(), Interest { read: true, write: true });
         c.eof = true;

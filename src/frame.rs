@@ -24,7 +24,14 @@ pub enum Flow {
 pub enum DecodeError {
     /// A prefix announced a payload longer than the limit.
     TooLarge { announced: u64, max: u32 },
+    /// Memory for the partial frame could not be had (the allocator said no).
+    OutOfMemory,
 }
+
+/// How much a partial frame's buffer may grow beyond the bytes that arrived:
+/// growth doubles, but never by more than this, so a peer that announces a
+/// large frame costs what it sent plus this constant.
+pub const GROW_SLACK: usize = 64 * 1024;
 
 /// Incremental decoder; one per connection.
 #[derive(Debug)]
@@ -64,6 +71,22 @@ impl Decoder {
         }
     }
 
+    /// Appends `bytes` to the partial frame (which will be `total` bytes when
+    /// complete), growing its buffer fallibly and by at most what arrived
+    /// plus GROW_SLACK.
+    fn keep(&mut self, bytes: &[u8], total: usize) -> Result<(), DecodeError> {
+        let need = self.partial.len() + bytes.len();
+        if need > self.partial.capacity() {
+            let cap = self.partial.capacity();
+            let target = need.max(cap.saturating_mul(2).min(need + GROW_SLACK)).min(total.max(need));
+            self.partial
+                .try_reserve_exact(target - self.partial.len())
+                .map_err(|_| DecodeError::OutOfMemory)?;
+        }
+        self.partial.extend_from_slice(bytes);
+        Ok(())
+    }
+
     /// Feeds the next bytes of the stream and calls `on_frame` with each
     /// complete payload, in order. Stops early, dropping the rest of `input`,
     /// when `on_frame` returns [`Flow::Stop`]. An oversize prefix is an error
@@ -76,7 +99,7 @@ impl Decoder {
         if !self.partial.is_empty() {
             if self.partial.len() < PREFIX_LEN {
                 let take = (PREFIX_LEN - self.partial.len()).min(input.len());
-                self.partial.extend_from_slice(&input[..take]);
+                self.keep(&input[..take], PREFIX_LEN)?;
                 input = &input[take..];
                 if self.partial.len() < PREFIX_LEN {
                     return Ok(Flow::Continue);
@@ -84,7 +107,7 @@ impl Decoder {
             }
             let total = PREFIX_LEN + self.check(announced(&self.partial))?;
             let take = (total - self.partial.len()).min(input.len());
-            self.partial.extend_from_slice(&input[..take]);
+            self.keep(&input[..take], total)?;
             input = &input[take..];
             if self.partial.len() < total {
                 return Ok(Flow::Continue);
@@ -106,7 +129,12 @@ impl Decoder {
             }
         }
         if !input.is_empty() {
-            self.partial.extend_from_slice(input);
+            let total = if input.len() >= PREFIX_LEN {
+                PREFIX_LEN + self.check(announced(input))?
+            } else {
+                PREFIX_LEN
+            };
+            self.keep(input, total)?;
         }
         Ok(Flow::Continue)
     }
@@ -117,28 +145,64 @@ impl Decoder {
     }
 }
 
+/// The prefix announcing a payload of `len` bytes (the caller checked that
+/// it fits).
+pub fn prefix(len: usize) -> [u8; PREFIX_LEN] {
+    debug_assert!(len <= u32::MAX as usize);
+    (len as u32).to_le_bytes()
+}
+
 /// Appends one frame (prefix + payload) to `out`. The caller has checked
 /// that `payload.len()` fits the prefix.
 pub fn encode_into(out: &mut Vec<u8>, payload: &[u8]) {
-    debug_assert!(payload.len() <= u32::MAX as usize);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&prefix(payload.len()));
     out.extend_from_slice(payload);
 }
 
-/// Counts the frames of an encoded buffer that end at or before `written`,
-/// starting from the frame that begins at `*boundary`, and moves `*boundary`
-/// past them. Used to count frames fully written to a socket.
-pub fn frames_completed(buf: &[u8], boundary: &mut usize, written: usize) -> u64 {
-    let mut n = 0;
-    while *boundary + PREFIX_LEN <= buf.len() {
-        let end = *boundary + PREFIX_LEN + announced(&buf[*boundary..]) as usize;
-        if end > written {
-            break;
+/// Follows an encoded frame stream as it is written, across buffer
+/// boundaries, to count the frames that were completely written. Reads only
+/// the prefixes: payload bytes are skipped by count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Walker {
+    prefix: [u8; PREFIX_LEN],
+    /// Prefix bytes seen of the current frame.
+    have: usize,
+    /// Payload bytes of the current frame still to come.
+    left: u64,
+}
+
+impl Walker {
+    /// Consumes the next written bytes; returns how many frames they completed.
+    pub fn advance(&mut self, mut bytes: &[u8]) -> u64 {
+        let mut done = 0;
+        while !bytes.is_empty() {
+            if self.have < PREFIX_LEN {
+                let take = (PREFIX_LEN - self.have).min(bytes.len());
+                self.prefix[self.have..self.have + take].copy_from_slice(&bytes[..take]);
+                self.have += take;
+                bytes = &bytes[take..];
+                if self.have == PREFIX_LEN {
+                    self.left = announced(&self.prefix) as u64;
+                } else {
+                    continue;
+                }
+            } else {
+                let take = (self.left.min(bytes.len() as u64)) as usize;
+                self.left -= take as u64;
+                bytes = &bytes[take..];
+            }
+            if self.have == PREFIX_LEN && self.left == 0 {
+                done += 1;
+                self.have = 0;
+            }
         }
-        *boundary = end;
-        n += 1;
+        done
     }
-    n
+
+    /// At a frame boundary (after the queue was written out entirely).
+    pub fn reset(&mut self) {
+        *self = Walker::default();
+    }
 }
 
 #[cfg(test)]
@@ -311,13 +375,47 @@ mod tests {
     }
 
     #[test]
-    fn frames_completed_counts_only_whole_frames() {
-        let buf = stream(&[vec![1u8; 3], vec![], vec![2u8; 5]]); // 7 + 4 + 9 = 20 bytes
-        let mut b = 0;
-        assert_eq!(frames_completed(&buf, &mut b, 6), 0);
-        assert_eq!(frames_completed(&buf, &mut b, 7), 1);
-        assert_eq!(frames_completed(&buf, &mut b, 19), 1);
-        assert_eq!(frames_completed(&buf, &mut b, 20), 1);
-        assert_eq!(b, 20);
+    fn the_walker_counts_whole_frames_across_any_split() {
+        let frames = sample_frames();
+        let bytes = stream(&frames);
+        for cut in 0..=bytes.len() {
+            for cut2 in cut..=bytes.len() {
+                let mut w = Walker::default();
+                let n = w.advance(&bytes[..cut]) + w.advance(&bytes[cut..cut2]) + w.advance(&bytes[cut2..]);
+                assert_eq!(n, frames.len() as u64, "cuts {cut} {cut2}");
+                assert!(w.have == 0 && w.left == 0, "ends at a boundary");
+            }
+        }
+        let mut w = Walker::default();
+        let mut total = 0;
+        for b in &bytes {
+            total += w.advance(std::slice::from_ref(b));
+        }
+        assert_eq!(total, frames.len() as u64);
+    }
+
+    #[test]
+    fn a_partial_frame_grows_with_what_arrived_not_with_what_was_announced() {
+        let mut d = Decoder::new(8 << 20);
+        let mut bytes = (8u32 << 20).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[1u8; 1000]);
+        d.feed(&bytes, &mut |_| Flow::Continue).unwrap();
+        assert!(d.held_capacity() <= 1004 + GROW_SLACK, "held {}", d.held_capacity());
+        let mut sent = bytes.len();
+        for _ in 0..200 {
+            d.feed(&[2u8; 4096], &mut |_| Flow::Continue).unwrap();
+            sent += 4096;
+            assert!(d.held_capacity() <= sent + GROW_SLACK, "held {} for {sent}", d.held_capacity());
+        }
+    }
+
+    #[test]
+    fn a_partial_frame_never_reserves_past_its_own_end() {
+        let frame = vec![3u8; 100_000];
+        let bytes = stream(std::slice::from_ref(&frame));
+        let mut d = Decoder::new(1 << 20);
+        d.feed(&bytes[..50_000], &mut |_| Flow::Continue).unwrap();
+        d.feed(&bytes[50_000..99_000], &mut |_| Flow::Continue).unwrap();
+        assert!(d.held_capacity() <= bytes.len(), "held {}", d.held_capacity());
     }
 }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod event_loop;
 pub mod ffi;
 pub mod frame;
+pub mod outq;
 pub mod pull;
 pub mod server;
 pub mod sys;

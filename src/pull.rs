@@ -120,8 +120,14 @@ impl Handler for PullHandler {
         true
     }
 
-    fn on_message(&mut self, conn: u64, payload: &[u8]) {
-        self.push(EVENT_MESSAGE, 0, conn, payload.to_vec(), payload.len());
+    fn on_message(&mut self, conn: u64, payload: &[u8]) -> bool {
+        let mut data = Vec::new();
+        if data.try_reserve_exact(payload.len()).is_err() || self.batch.try_reserve(1).is_err() {
+            return false; // the connection is closed with TF_CLOSE_OVERLOAD
+        }
+        data.extend_from_slice(payload);
+        self.push(EVENT_MESSAGE, 0, conn, data, payload.len());
+        true
     }
 
     fn on_close(&mut self, conn: u64, reason: CloseReason) {
@@ -179,10 +185,20 @@ impl PullHost {
     /// Takes up to `max` events, waiting up to `timeout_ms` (-1: forever) for
     /// the first. The returned batch stays valid until the next call.
     /// Err(Stopped) once the server has stopped and every event was taken.
-    pub fn poll(&self, max: usize, timeout_ms: i32) -> Result<MutexGuard<'_, Vec<PulledEvent>>> {
+    /// None for a timeout of 0 while another thread is inside poll: a
+    /// timeout of 0 never waits, not even for that thread.
+    pub fn poll(&self, max: usize, timeout_ms: i32) -> Result<Option<MutexGuard<'_, Vec<PulledEvent>>>> {
         // On a loop thread (a log callback), waiting could wait for ourselves.
         let timeout_ms = if crate::event_loop::on_any_loop_thread() { 0 } else { timeout_ms };
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = if timeout_ms == 0 {
+            match self.last.try_lock() {
+                Ok(guard) => guard,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+            }
+        } else {
+            self.last.lock().unwrap_or_else(|p| p.into_inner())
+        };
         last.clear();
         let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
         let mut q = self.queue.lock();
@@ -217,6 +233,6 @@ impl PullHost {
         if resume {
             self.loop_shared.wake(); // the loop re-checks and reads again
         }
-        Ok(last)
+        Ok(Some(last))
     }
 }

@@ -6,11 +6,13 @@
 #![forbid(unsafe_code)]
 
 use crate::config::Config;
-use crate::conn::{encoded_len, ConnShared};
+use crate::conn::{encoded_len, ConnShared, GONE, OPEN};
 use crate::error::{Code, Error, Result};
 use crate::event_loop::{self, Handler, Starter};
+use crate::frame::{self, PREFIX_LEN};
+use crate::outq::OutOfMemory;
 use crate::sys::{self, Interest, Poller, Waker};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -93,33 +95,130 @@ impl Stats {
     }
 }
 
-/// Record kinds in the command arena.
+/// Record kinds in the command blocks.
 pub const CMD_SEND: u8 = 1;
 pub const CMD_CLOSE: u8 = 2;
-/// kind (1) + connection id (8) + payload length (4)
-pub const CMD_HEADER: usize = 13;
+pub const CMD_ABORT: u8 = 3;
+/// kind (1) + connection id (8) + byte length (8) + frames (4)
+pub const CMD_HEADER: usize = 21;
+/// Host commands are written into blocks of this size (a larger frame gets
+/// a block of its own). The loop frees each block as soon as it has applied
+/// it, so a burst of sends is never held twice (in the blocks and in the
+/// connections' queues) for more than one block.
+pub const BLOCK: usize = 64 * 1024;
+
+/// One command record read back from a block.
+pub struct Cmd<'a> {
+    pub kind: u8,
+    pub id: u64,
+    pub frames: u32,
+    /// SEND: the frames, already encoded (prefix + payload each).
+    pub bytes: &'a [u8],
+}
+
+/// Splits a block into its records.
+pub fn records(mut block: &[u8]) -> impl Iterator<Item = Cmd<'_>> {
+    std::iter::from_fn(move || {
+        if block.len() < CMD_HEADER {
+            return None;
+        }
+        let kind = block[0];
+        let id = u64::from_le_bytes(block[1..9].try_into().expect("8 bytes"));
+        let len = u64::from_le_bytes(block[9..17].try_into().expect("8 bytes")) as usize;
+        let frames = u32::from_le_bytes(block[17..21].try_into().expect("4 bytes"));
+        let (bytes, rest) = block[CMD_HEADER..].split_at(len);
+        block = rest;
+        Some(Cmd { kind, id, frames, bytes })
+    })
+}
 
 /// What host threads hand to the loop, under one mutex.
 #[derive(Default)]
 pub struct Inbox {
     /// Every connection the host may name, with its shared half.
     pub registry: IdMap<Arc<ConnShared>>,
-    /// Commands as records [kind][id][len][payload]: one memcpy per send,
-    /// no allocation per frame once the arena has grown.
-    pub cmds: Vec<u8>,
+    /// Commands as records [kind][id][len][frames][bytes]. Consecutive sends
+    /// to one connection share one record: its bytes are the encoded frames,
+    /// so they cost what they will cost in the connection's queue.
+    pub blocks: VecDeque<Vec<u8>>,
+    /// The connection and header offset of the last SEND record in the last
+    /// block, while more frames may be appended to it.
+    last_send: Option<(u64, usize)>,
+    /// An applied block kept for reuse.
+    pub spare: Option<Vec<u8>>,
     /// Set once by tf_server_stop: when the drain ends.
     pub stop_deadline: Option<Instant>,
 }
 
-pub fn push_cmd(cmds: &mut Vec<u8>, kind: u8, id: u64, payload: &[u8]) {
-    cmds.push(kind);
-    cmds.extend_from_slice(&id.to_le_bytes());
-    cmds.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    cmds.extend_from_slice(payload);
+impl Inbox {
+    /// The last block, with room for `need` more bytes; allocated fallibly.
+    fn block_with_room(&mut self, need: usize) -> std::result::Result<&mut Vec<u8>, OutOfMemory> {
+        let has_room = self.blocks.back().is_some_and(|b| b.capacity() - b.len() >= need);
+        if !has_room {
+            let cap = need.max(BLOCK);
+            let block = match self.spare.take() {
+                Some(b) if b.capacity() >= cap => b,
+                _ => {
+                    let mut b = Vec::new();
+                    b.try_reserve_exact(cap).map_err(|_| OutOfMemory)?;
+                    b
+                }
+            };
+            self.blocks.try_reserve(1).map_err(|_| OutOfMemory)?;
+            self.blocks.push_back(block);
+            self.last_send = None;
+        }
+        Ok(self.blocks.back_mut().expect("a block was just ensured"))
+    }
+
+    /// Queues one frame for connection `id`, encoded as it will be written.
+    pub fn push_send(&mut self, id: u64, payload: &[u8]) -> std::result::Result<(), OutOfMemory> {
+        let enc = PREFIX_LEN + payload.len();
+        if let (Some((last, at)), Some(block)) = (self.last_send, self.blocks.back_mut()) {
+            if last == id && block.capacity() - block.len() >= enc {
+                block.extend_from_slice(&frame::prefix(payload.len()));
+                block.extend_from_slice(payload);
+                let len = u64::from_le_bytes(block[at + 9..at + 17].try_into().expect("8 bytes"));
+                let frames = u32::from_le_bytes(block[at + 17..at + 21].try_into().expect("4 bytes"));
+                block[at + 9..at + 17].copy_from_slice(&(len + enc as u64).to_le_bytes());
+                block[at + 17..at + 21].copy_from_slice(&(frames + 1).to_le_bytes());
+                return Ok(());
+            }
+        }
+        let block = self.block_with_room(CMD_HEADER + enc)?;
+        let at = block.len();
+        block.push(CMD_SEND);
+        block.extend_from_slice(&id.to_le_bytes());
+        block.extend_from_slice(&(enc as u64).to_le_bytes());
+        block.extend_from_slice(&1u32.to_le_bytes());
+        block.extend_from_slice(&frame::prefix(payload.len()));
+        block.extend_from_slice(payload);
+        self.last_send = Some((id, at));
+        Ok(())
+    }
+
+    /// Queues a command without bytes (close, abort).
+    pub fn push_cmd(&mut self, kind: u8, id: u64) -> std::result::Result<(), OutOfMemory> {
+        let block = self.block_with_room(CMD_HEADER)?;
+        block.push(kind);
+        block.extend_from_slice(&id.to_le_bytes());
+        block.extend_from_slice(&0u64.to_le_bytes());
+        block.extend_from_slice(&0u32.to_le_bytes());
+        self.last_send = None;
+        Ok(())
+    }
+
+    /// Hands every queued block to the loop.
+    pub fn take_blocks(&mut self) -> VecDeque<Vec<u8>> {
+        self.last_send = None;
+        std::mem::take(&mut self.blocks)
+    }
 }
 
 /// Everything a server's host threads and its loop thread share.
 pub struct Shared {
+    /// The process this server runs in (see sys::process_epoch).
+    pub epoch: u64,
     pub max_frame: u32,
     pub max_queued_output: u64,
     /// Set when stop begins: sends fail, no more messages are delivered.
@@ -132,6 +231,9 @@ pub struct Shared {
     pub wake_pending: AtomicBool,
     pub waker: Waker,
     pub stats: Stats,
+    /// A handle freed while its loop thread could still be running host code
+    /// that uses it: the loop thread drops it when it ends.
+    pub deferred: Mutex<(bool, Option<Box<dyn Send>>)>,
 }
 
 impl Shared {
@@ -146,6 +248,27 @@ impl Shared {
         if !self.wake_pending.swap(true, Ordering::AcqRel) {
             self.waker.set();
         }
+    }
+
+    /// Keeps `handle` alive until the loop thread ends.
+    pub fn defer_drop(&self, handle: Box<dyn Send>) {
+        let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        if d.0 {
+            drop(d);
+            drop(handle); // the loop has ended already: nothing uses it
+        } else {
+            d.1 = Some(handle);
+        }
+    }
+
+    /// Called by the loop thread as it ends: drops a deferred handle.
+    pub fn loop_ended(&self) {
+        let handle = {
+            let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+            d.0 = true;
+            d.1.take()
+        };
+        drop(handle);
     }
 
     fn begin_stop(&self, drain: Duration) {
@@ -166,12 +289,16 @@ impl Shared {
             return Err(Error::stopped());
         }
         let conn = match inbox.registry.get(&id) {
-            Some(c) if !c.close_requested.load(Ordering::Acquire) => c,
+            Some(c) if c.takes_frames() => c.clone(),
             _ => return Err(Error::no_conn(id)),
         };
-        conn.reserve(encoded_len(payload.len()), self.max_queued_output)
+        let n = encoded_len(payload.len());
+        conn.reserve(n, self.max_queued_output)
             .map_err(|_| full_error(id, payload.len(), self.max_queued_output))?;
-        push_cmd(&mut inbox.cmds, CMD_SEND, id, payload);
+        if inbox.push_send(id, payload).is_err() {
+            conn.release(n);
+            return Err(out_of_memory(id, payload.len()));
+        }
         drop(inbox);
         self.wake();
         Ok(())
@@ -183,14 +310,55 @@ impl Shared {
             return Err(Error::stopped());
         }
         match inbox.registry.get(&id) {
-            Some(c) if !c.close_requested.swap(true, Ordering::AcqRel) => {}
+            Some(c)
+                if c.closing.load(Ordering::Acquire) == OPEN
+                    && !c.close_requested.swap(true, Ordering::AcqRel) =>
+            {
+                if inbox.push_cmd(CMD_CLOSE, id).is_err() {
+                    // Rare: retried by the close timeout path is not possible
+                    // without the command, so undo and report.
+                    if let Some(c) = inbox.registry.get(&id) {
+                        c.close_requested.store(false, Ordering::Release);
+                    }
+                    return Err(Error::new(
+                        Code::Full,
+                        format!("connection {id}: out of memory for the close"),
+                    ));
+                }
+            }
             _ => return Err(Error::no_conn(id)),
         }
-        push_cmd(&mut inbox.cmds, CMD_CLOSE, id, &[]);
         drop(inbox);
         self.wake();
         Ok(())
     }
+
+    fn abort_from_host(&self, id: u64) -> Result<()> {
+        let mut inbox = self.lock_inbox();
+        if inbox.stop_deadline.is_some() {
+            return Err(Error::stopped());
+        }
+        match inbox.registry.get(&id) {
+            Some(c) if abortable(c) => c.close_requested.store(true, Ordering::Release),
+            _ => return Err(Error::no_conn(id)),
+        }
+        if inbox.push_cmd(CMD_ABORT, id).is_err() {
+            return Err(Error::new(Code::Full, format!("connection {id}: out of memory for the abort")));
+        }
+        drop(inbox);
+        self.wake();
+        Ok(())
+    }
+}
+
+/// tf_conn_abort applies to an open connection, one the host closed, or one
+/// whose peer half-closed; not to one closing for a reason of the loop's own.
+pub fn abortable(c: &ConnShared) -> bool {
+    c.close_requested.load(Ordering::Acquire) || c.closing.load(Ordering::Acquire) != GONE
+}
+
+pub fn out_of_memory(id: u64, len: usize) -> Error {
+    Error::new(Code::Full, format!("connection {id}: no memory to queue a frame of {len} bytes"))
 }
 
 pub fn full_error(id: u64, len: usize, limit: u64) -> Error {
@@ -210,14 +378,13 @@ pub struct Server {
     gate: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     local: SocketAddr,
-    fork_generation: u64,
 }
 
 impl Server {
     /// Binds, listens and starts the loop thread. Errors are reported here:
     /// nothing runs when this fails.
     pub fn start<H: Handler + Send + 'static>(config: &Config, handler: H) -> Result<Server> {
-        let fork_generation = sys::fork_generation();
+        let epoch = sys::process_epoch();
         let (listener, local) = sys::listen(&config.address, 1024)
             .map_err(|e| Error::io(format!("listen on {}", config.address), e))?;
         let backend = config.resolved_backend();
@@ -230,6 +397,7 @@ impl Server {
             .add(waker.fd(), event_loop::WAKER, Interest::READ)
             .map_err(|e| Error::io("register waker", e))?;
         let shared = Arc::new(Shared {
+            epoch,
             max_frame: config.max_frame,
             max_queued_output: config.max_queued_output,
             stopping: AtomicBool::new(false),
@@ -238,6 +406,7 @@ impl Server {
             wake_pending: AtomicBool::new(false),
             waker,
             stats: Stats::default(),
+            deferred: Mutex::new((false, None)),
         });
         let lp = Starter::new(config, shared.clone(), poller, listener, local, backend, handler);
         let (gate, opened) = std::sync::mpsc::channel::<()>();
@@ -250,13 +419,7 @@ impl Server {
                 lp.run()
             })
             .map_err(|e| Error::io("spawn the loop thread", e))?;
-        Ok(Server {
-            shared,
-            gate: Mutex::new(Some(gate)),
-            thread: Mutex::new(Some(thread)),
-            local,
-            fork_generation,
-        })
+        Ok(Server { shared, gate: Mutex::new(Some(gate)), thread: Mutex::new(Some(thread)), local })
     }
 
     /// Lets the loop run. Called once the host has the handle; dropping the
@@ -267,7 +430,7 @@ impl Server {
 
     /// Fails in a child process forked after the server started.
     pub fn check_process(&self) -> Result<()> {
-        if sys::fork_generation() != self.fork_generation {
+        if sys::process_epoch() != self.shared.epoch {
             Err(Error::forked())
         } else {
             Ok(())
@@ -325,28 +488,40 @@ impl Server {
         }
     }
 
+    /// tf_conn_abort: drop what is queued, reset, on_close(LOCAL).
+    pub fn abort(&self, id: u64) -> Result<()> {
+        self.check_process()?;
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(Error::stopped());
+        }
+        match event_loop::local_abort(&self.shared, id) {
+            Some(r) => r,
+            None => self.shared.abort_from_host(id),
+        }
+    }
+
     pub fn stats(&self) -> Result<StatsSnapshot> {
         self.check_process()?;
         Ok(self.shared.stats.snapshot())
     }
 
-    /// True inside a callback of any server (on a loop thread), where
-    /// waiting for a loop thread to end could wait for ourselves, or for a
-    /// loop that waits for us.
-    pub fn in_callback(&self) -> bool {
-        event_loop::on_any_loop_thread()
-    }
-
     /// Stops accepting, drains for up to `drain`, closes everything, joins
-    /// the loop thread. Idempotent; refused from inside a callback.
+    /// the loop thread. Idempotent; refused from inside any callback (of
+    /// any server): waiting there for a loop thread could wait for itself,
+    /// or for a loop that waits for it.
     pub fn stop(&self, drain: Duration) -> Result<()> {
         self.check_process()?;
-        if self.in_callback() {
+        if event_loop::current_loop().is_some() {
             return Err(Error::invalid(
                 "tf_server_stop was called from inside a callback (on a tcpframe loop thread): \
                  waiting there could deadlock; call it from another thread",
             ));
         }
+        self.join_loop(drain);
+        Ok(())
+    }
+
+    fn join_loop(&self, drain: Duration) {
         self.shared.begin_stop(drain);
         self.open();
         let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
@@ -354,16 +529,90 @@ impl Server {
             // The loop catches its own panics; a join error is not expected.
             let _ = handle.join();
         }
-        Ok(())
     }
 
-    /// Freed from inside one of its own callbacks: stop at once, run no
-    /// callback again, and let the loop thread finish on its own.
-    pub fn abandon_from_callback(self) {
+    /// tf_server_free's first half: stops the server so that no callback
+    /// of it can run again, waiting for its loop thread where that is safe.
+    /// Returns Freed::Now when the handle may be dropped at once, or
+    /// Freed::ByLoop when the loop thread must drop it (see `Shared::defer_drop`).
+    pub fn stop_for_free(&self) -> Freed {
+        let mine = Arc::as_ptr(&self.shared) as usize;
+        match event_loop::current_loop() {
+            // Inside one of its own callbacks: waiting would wait for ourselves.
+            Some(here) if here == mine => {
+                self.abandon();
+                Freed::ByLoop
+            }
+            // Inside a callback of another server: wait, unless the server
+            // being freed is itself waiting (directly or through others) for
+            // the server whose callback this is; then waiting would deadlock.
+            Some(here) => match waits::enter(here, mine) {
+                Some(_guard) => {
+                    self.join_loop(Duration::ZERO);
+                    Freed::Now
+                }
+                None => {
+                    self.abandon();
+                    Freed::ByLoop
+                }
+            },
+            None => {
+                self.join_loop(Duration::ZERO);
+                Freed::Now
+            }
+        }
+    }
+
+    /// Stop at once, run no callback again, and let the loop thread end on
+    /// its own (its current callback, if any, returns first).
+    fn abandon(&self) {
         self.shared.silent.store(true, Ordering::Release);
         self.shared.begin_stop(Duration::ZERO);
         self.open();
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         drop(handle); // detaches
+    }
+}
+
+/// How tf_server_free may release the handle.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Freed {
+    Now,
+    ByLoop,
+}
+
+/// Which loop threads are waiting, inside a callback, for which other
+/// server's loop to end: the graph in which two servers freeing each other
+/// from their callbacks would deadlock.
+mod waits {
+    use std::sync::Mutex;
+
+    static WAITING: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+    pub struct Guard(usize);
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let mut w = WAITING.lock().unwrap_or_else(|p| p.into_inner());
+            w.retain(|&(waiter, _)| waiter != self.0);
+        }
+    }
+
+    /// Records that the loop of server `waiter` is about to wait for the
+    /// loop of server `target`; None when that would close a cycle.
+    pub fn enter(waiter: usize, target: usize) -> Option<Guard> {
+        let mut w = WAITING.lock().unwrap_or_else(|p| p.into_inner());
+        let mut at = target;
+        for _ in 0..=w.len() {
+            if at == waiter {
+                return None;
+            }
+            match w.iter().find(|&&(x, _)| x == at) {
+                Some(&(_, next)) => at = next,
+                None => break,
+            }
+        }
+        w.push((waiter, target));
+        Some(Guard(waiter))
     }
 }

@@ -14,7 +14,7 @@ fn run(max: u32, stream: &[u8], cuts: &[usize]) -> (Vec<Vec<u8>>, Option<DecodeE
             frames.push(f.to_vec());
             Flow::Continue
         });
-        assert!(d.held_capacity() <= 2 * (max as usize + 4) + 64, "kept more than a frame");
+        assert!(d.held_capacity() <= max as usize + 4 + 64, "kept more than one frame");
         if let Err(e) = r {
             return (frames, Some(e));
         }

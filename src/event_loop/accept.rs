@@ -28,7 +28,7 @@ impl<H: Handler> EventLoop<H> {
         for _ in 0..ACCEPTS_PER_WAKE {
             let Some(listener) = self.listener.as_ref().map(sys::raw) else { return };
             match sys::accept(listener) {
-                Ok(a) => self.admit(a, now),
+                Ok(a) => self.admit(a),
                 Err(e) if would_block(&e) => return,
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
@@ -54,7 +54,7 @@ impl<H: Handler> EventLoop<H> {
             return false;
         }
         let shed = sys::accept(listener).is_ok();
-        self.spare_fd = File::open("/dev/null").ok();
+        self.spare_fd = open_spare();
         if shed {
             bump(&self.shared.stats.connections_rejected, 1);
             self.log.log(Topic::Accept, LogLevel::Warn, || {
@@ -78,7 +78,7 @@ impl<H: Handler> EventLoop<H> {
         if self.accept_paused_until.is_some_and(|t| now >= t) {
             self.accept_paused_until = None;
             if self.spare_fd.is_none() {
-                self.spare_fd = File::open("/dev/null").ok();
+                self.spare_fd = open_spare();
             }
             if let Some(l) = &self.listener {
                 let _ = self.poller.modify(sys::raw(l), LISTENER, Interest::READ);
@@ -86,7 +86,7 @@ impl<H: Handler> EventLoop<H> {
         }
     }
 
-    fn admit(&mut self, a: sys::Accepted, now: Instant) {
+    fn admit(&mut self, a: sys::Accepted) {
         let stats = &self.shared.stats;
         if self.shared.stopping.load(Ordering::Acquire) {
             // Stop has begun: no on_connect any more.
@@ -107,7 +107,8 @@ impl<H: Handler> EventLoop<H> {
         debug_assert!(sys::nodelay(fd).unwrap_or(true), "TCP_NODELAY is inherited from the listener");
         let id = self.next_id;
         self.next_id += 1;
-        let conn = Conn::new(id, a.fd, self.max_frame, now);
+        // Its idle clock starts now, however long this iteration has run.
+        let conn = Conn::new(id, a.fd, self.max_frame, Instant::now());
         let cshared = conn.shared.clone();
         let slot = self.state.borrow_mut().insert(conn);
         if let Err(e) = self.poller.add(fd, slot as usize + FIRST_CONN, Interest::READ) {
@@ -135,4 +136,10 @@ impl<H: Handler> EventLoop<H> {
             bump(&self.shared.stats.connections_rejected, 1);
         }
     }
+}
+
+/// The descriptor kept in reserve to shed a connection when descriptors run
+/// out (libuv's trick); None when even that one cannot be had.
+pub(super) fn open_spare() -> Option<File> {
+    File::open("/dev/null").ok()
 }

@@ -39,6 +39,17 @@ impl<H: Handler> EventLoop<H> {
         }
     }
 
+    /// Graceful closes whose output was not written within the close
+    /// timeout are reset.
+    pub(super) fn expire_lingering(&mut self, now: Instant) {
+        let expired = self.state.borrow_mut().expire_lingering(now);
+        for id in expired {
+            self.log.log(Topic::Close, LogLevel::Info, || {
+                format!("tcpframe: connection {id} reset: its queued output was not read within the close timeout")
+            });
+        }
+    }
+
     /// Closes every connection that is marked and has nothing left to wait
     /// for, then tells the host. Counters change before the callbacks run.
     pub(super) fn close_phase(&mut self, now: Instant) {
@@ -64,6 +75,10 @@ impl<H: Handler> EventLoop<H> {
             }
         }
         self.state.borrow_mut().closing.extend(keep);
+        if !done.is_empty() && self.accept_paused_until.is_some() {
+            // Descriptors were freed: serve or shed what waits in the backlog now.
+            self.accept_paused_until = Some(now);
+        }
         self.report_closed(done);
     }
 
@@ -75,7 +90,11 @@ impl<H: Handler> EventLoop<H> {
             // that a new connection may reuse.
             self.poller.delete(fd, slot as usize + FIRST_CONN);
         }
-        if !conn.eof {
+        if conn.reset {
+            // tf_conn_abort or a close timeout: drop what the kernel still
+            // holds for a peer that does not read, and tell it so (RST).
+            let _ = sys::set_linger_zero(fd);
+        } else if !conn.eof {
             let (n, _) = sys::discard_input(fd, &mut self.scratch, 4);
             bump(&self.shared.stats.bytes_received, n);
         }

@@ -3,54 +3,58 @@
 
 #![forbid(unsafe_code)]
 
-use super::{EventLoop, Handler, APPLY_CHECK_BYTES, ARENA_RETAIN, LISTENER};
+use super::{EventLoop, Handler, APPLY_CHECK_BYTES, LISTENER};
 use crate::conn::CloseReason;
-use crate::server::CMD_HEADER;
+use crate::server::{records, BLOCK};
 use crate::sys::{self, Interest};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 impl<H: Handler> EventLoop<H> {
-    /// Applies what host threads queued, and notices a stop request.
+    /// Applies what host threads queued, and notices a stop request. Each
+    /// block is freed as soon as it is applied, so frames are never held
+    /// twice (in the blocks and in the queues) for more than one block.
     pub(super) fn drain_inbox(&mut self) {
         self.shared.waker.reset();
         self.shared.wake_pending.store(false, Ordering::SeqCst);
-        // Read under the same lock as the swap: a stop seen here comes after
+        // Read under the same lock as the take: a stop seen here comes after
         // every command in the batch, so shutdown begins only once they are applied.
-        let stop = {
+        let (mut blocks, stop) = {
             let mut inbox = self.shared.lock_inbox();
-            std::mem::swap(&mut inbox.cmds, &mut self.cmds);
-            inbox.stop_deadline
+            (inbox.take_blocks(), inbox.stop_deadline)
         };
         let mut give_up_at = stop;
-        {
-            let mut st = self.state.borrow_mut();
-            let mut rest = &self.cmds[..];
-            let mut since_check = 0usize;
-            while rest.len() >= CMD_HEADER {
-                let kind = rest[0];
-                let id = u64::from_le_bytes(rest[1..9].try_into().expect("8 bytes"));
-                let len = u32::from_le_bytes(rest[9..13].try_into().expect("4 bytes")) as usize;
-                let (payload, tail) = rest[CMD_HEADER..].split_at(len);
-                st.apply(kind, id, payload);
-                rest = tail;
-                // A huge batch must not hold a stop past its drain time:
-                // what is not applied by then could not be written anyway.
-                since_check += CMD_HEADER + len;
-                if since_check >= APPLY_CHECK_BYTES {
-                    since_check = 0;
-                    if give_up_at.is_none() && self.shared.stopping.load(Ordering::Acquire) {
-                        give_up_at = self.shared.lock_inbox().stop_deadline;
-                    }
-                    if give_up_at.is_some_and(|d| Instant::now() >= d) {
-                        break;
-                    }
+        let mut spare = None;
+        let mut since_check = 0usize;
+        while let Some(mut block) = blocks.pop_front() {
+            {
+                let mut st = self.state.borrow_mut();
+                for cmd in records(&block) {
+                    st.apply(&cmd);
+                }
+            }
+            since_check += block.len();
+            block.clear();
+            if spare.is_none() && block.capacity() == BLOCK {
+                spare = Some(block);
+            }
+            // A huge batch must not hold a stop past its drain time:
+            // what is not applied by then could not be written anyway.
+            if since_check >= APPLY_CHECK_BYTES {
+                since_check = 0;
+                if give_up_at.is_none() && self.shared.stopping.load(Ordering::Acquire) {
+                    give_up_at = self.shared.lock_inbox().stop_deadline;
+                }
+                if give_up_at.is_some_and(|d| Instant::now() >= d) {
+                    break;
                 }
             }
         }
-        self.cmds.clear();
-        if self.cmds.capacity() > ARENA_RETAIN {
-            self.cmds = Vec::new();
+        if spare.is_some() {
+            let mut inbox = self.shared.lock_inbox();
+            if inbox.spare.is_none() {
+                inbox.spare = spare;
+            }
         }
         if let (Some(deadline), None) = (stop, self.shutdown_deadline) {
             self.begin_shutdown(deadline);
@@ -69,14 +73,13 @@ impl<H: Handler> EventLoop<H> {
         let mut st = self.state.borrow_mut();
         let slots: Vec<u32> = st.ids.values().copied().collect();
         for slot in slots {
-            let c = st.conn_mut(slot);
-            c.mark_shutdown();
-            c.decoder.clear();
+            st.conn_mut(slot).mark_shutdown();
+            st.drop_partial(slot);
             st.mark_closing(slot, CloseReason::Shutdown);
         }
     }
 
-    pub(super) fn resume_paused(&mut self, now: Instant) {
+    pub(super) fn resume_paused(&mut self) {
         if (self.paused.is_empty() && !self.accept_blocked) || !self.handler.wants_input() {
             return;
         }
@@ -86,7 +89,7 @@ impl<H: Handler> EventLoop<H> {
                 let Some(c) = st.get_mut(slot) else { continue };
                 c.paused = false;
                 // Waiting on the host is not the peer being idle.
-                st.idle_touch(slot, now);
+                st.idle_touch(slot, Instant::now());
             }
             self.sync_interest(slot);
             // Data that arrived meanwhile is reported by the next wait.

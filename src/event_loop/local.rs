@@ -12,6 +12,9 @@ use std::rc::Rc;
 /// Links this thread to the loop it runs, for tf_send from callbacks.
 pub(super) struct Link {
     pub(super) shared: *const Shared,
+    /// The process the loop thread ran in: a child forked from inside a
+    /// callback inherits this thread-local but is on no loop thread.
+    pub(super) epoch: u64,
     pub(super) state: Rc<RefCell<State>>,
 }
 
@@ -19,20 +22,36 @@ thread_local! {
     pub(super) static CURRENT: RefCell<Option<Link>> = const { RefCell::new(None) };
 }
 
+// Thread-locals are reached with try_with: from a thread-exit destructor
+// they may already be gone, and then this is simply not a loop thread.
+
 fn with_local<R>(shared: &Shared, f: impl FnOnce(&mut State) -> R) -> Option<R> {
-    CURRENT.with(|cur| {
-        let cur = cur.borrow();
-        let link = cur.as_ref().filter(|l| std::ptr::eq(l.shared, shared))?;
-        // Busy only when the loop itself calls out while holding the state
-        // (the log callback): then the host path, with its lock, is used.
-        let mut state = link.state.try_borrow_mut().ok()?;
-        Some(f(&mut state))
-    })
+    CURRENT
+        .try_with(|cur| {
+            let cur = cur.try_borrow().ok()?;
+            let link = cur.as_ref().filter(|l| std::ptr::eq(l.shared, shared))?;
+            // Busy only when the loop itself calls out while holding the state
+            // (the log callback): then the host path, with its lock, is used.
+            let mut state = link.state.try_borrow_mut().ok()?;
+            Some(f(&mut state))
+        })
+        .ok()
+        .flatten()
+}
+
+/// The server whose loop thread this is (its `Shared`, as an address), if
+/// any: then we are inside one of its callbacks.
+pub fn current_loop() -> Option<usize> {
+    let (shared, epoch) = CURRENT
+        .try_with(|cur| cur.try_borrow().ok()?.as_ref().map(|l| (l.shared as usize, l.epoch)))
+        .ok()
+        .flatten()?;
+    (epoch == crate::sys::process_epoch()).then_some(shared)
 }
 
 /// True on the loop thread of any server: inside some tcpframe callback.
 pub fn on_any_loop_thread() -> bool {
-    CURRENT.with(|cur| cur.borrow().is_some())
+    current_loop().is_some()
 }
 
 /// tf_send from inside a callback of this server; None on any other thread.
@@ -43,4 +62,9 @@ pub fn local_send(shared: &Shared, id: u64, payload: &[u8]) -> Option<Result<()>
 /// tf_conn_close from inside a callback of this server; None elsewhere.
 pub fn local_close(shared: &Shared, id: u64) -> Option<Result<()>> {
     with_local(shared, |st| st.close(id))
+}
+
+/// tf_conn_abort from inside a callback of this server; None elsewhere.
+pub fn local_abort(shared: &Shared, id: u64) -> Option<Result<()>> {
+    with_local(shared, |st| st.abort(id))
 }

@@ -18,7 +18,7 @@ mod start;
 mod state;
 mod write;
 
-pub use local::{local_close, local_send, on_any_loop_thread};
+pub use local::{current_loop, local_abort, local_close, local_send, on_any_loop_thread};
 pub use start::Starter;
 pub use state::State;
 
@@ -45,17 +45,14 @@ const FIRST_CONN: usize = 2;
 
 /// Per-loop read buffer: whole frames are dispatched from it in place.
 const SCRATCH: usize = 64 * 1024;
-/// Reads per connection per wake-up, so one fast peer cannot starve others.
-const READS_PER_WAKE: usize = 16;
+/// Reads per connection per iteration: one, so that a peer streaming tiny
+/// frames delays the others by at most one read's worth of callbacks. More
+/// data is reported again by the next (level-triggered) wait.
+const READS_PER_WAKE: usize = 1;
 /// Accepts per wake-up, for the same reason.
 const ACCEPTS_PER_WAKE: usize = 256;
 /// How long accepting pauses when descriptors run out and shedding failed.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// Output buffers kept for reuse by the whole loop (each at most
-/// RETAIN_OUT bytes: at most 1 MiB in all).
-const POOL_MAX: usize = 32;
-/// A command arena larger than this is freed after use.
-const ARENA_RETAIN: usize = 1 << 20;
 /// Caches are handed back after this long without any event.
 const QUIET_TRIM: Duration = Duration::from_secs(1);
 /// Flush-and-close passes per iteration (callbacks in on_close may queue more).
@@ -69,7 +66,9 @@ const LOG_PER_SECOND: u32 = 20;
 pub trait Handler {
     /// Return false to refuse the connection.
     fn on_connect(&mut self, conn: u64, peer: &str) -> bool;
-    fn on_message(&mut self, conn: u64, data: &[u8]);
+    /// False when the frame could not be taken for want of memory: the
+    /// connection is then closed with TF_CLOSE_OVERLOAD.
+    fn on_message(&mut self, conn: u64, data: &[u8]) -> bool;
     fn on_close(&mut self, conn: u64, reason: CloseReason);
     /// False while the consumer cannot take more (reading pauses).
     fn wants_input(&mut self) -> bool {
@@ -100,11 +99,11 @@ pub struct EventLoop<H: Handler> {
     handler: H,
     scratch: Vec<u8>,
     events: Vec<Event>,
-    /// The other half of the command arena's double buffer.
-    cmds: Vec<u8>,
     next_id: u64,
     max_connections: usize,
     max_frame: u32,
+    /// Budget for all partial inbound frames together.
+    max_buffered: u64,
     idle_timeout: Option<Duration>,
     /// Shed one pending connection when descriptors run out (libuv's trick).
     spare_fd: Option<File>,
@@ -129,6 +128,9 @@ impl<H: Handler> EventLoop<H> {
                 self.log.log(Topic::Internal, LogLevel::Error, || format!("tcpframe: wait failed: {e}"));
                 std::thread::sleep(Duration::from_millis(10)); // never spin on a broken poller
             }
+            // When the wait returned: deadlines are judged against this, so a
+            // slow callback later in the iteration makes no one look idle
+            // (what arrived meanwhile is read first, at the next wait).
             let now = Instant::now();
             if self.events.is_empty() {
                 if !self.trimmed && now >= self.last_busy + QUIET_TRIM {
@@ -154,7 +156,7 @@ impl<H: Handler> EventLoop<H> {
                     WAKER => {}
                     t => {
                         let slot = (t - FIRST_CONN) as u32;
-                        self.guarded(Some(slot), |lp| lp.conn_event(slot, ev, now));
+                        self.guarded(Some(slot), |lp| lp.conn_event(slot, ev));
                     }
                 }
             }
@@ -164,6 +166,7 @@ impl<H: Handler> EventLoop<H> {
             }
             self.resume_accept(now);
             self.expire_idle(now);
+            self.expire_lingering(now);
             // Frames queued and closes requested from on_close go out now,
             // not at some later unrelated event.
             for _ in 0..FLUSH_PASSES {
@@ -173,8 +176,10 @@ impl<H: Handler> EventLoop<H> {
                     break;
                 }
             }
-            self.handler.end_of_iteration(!self.paused.is_empty());
-            self.resume_paused(now);
+            // Connections or the listener waiting for room in the pull queue:
+            // the host's next poll that makes room must wake the loop.
+            self.handler.end_of_iteration(!self.paused.is_empty() || self.accept_blocked);
+            self.resume_paused();
             if let Some(deadline) = self.shutdown_deadline {
                 if self.state.borrow().len() == 0 || Instant::now() >= deadline {
                     self.close_all();
@@ -202,13 +207,11 @@ impl<H: Handler> EventLoop<H> {
     /// server that went idle holds no more than its connections need.
     fn trim(&mut self) {
         self.trimmed = true;
-        self.cmds = Vec::new();
         self.events = Vec::new();
         {
             let mut inbox = self.shared.lock_inbox();
-            if inbox.cmds.is_empty() {
-                inbox.cmds = Vec::new();
-            }
+            inbox.spare = None;
+            inbox.blocks.shrink_to_fit();
             inbox.registry.shrink_to_fit();
         }
         let mut st = self.state.borrow_mut();
@@ -216,6 +219,7 @@ impl<H: Handler> EventLoop<H> {
         st.ids.shrink_to_fit();
         st.dirty.shrink_to_fit();
         st.closing.shrink_to_fit();
+        st.lingering.shrink_to_fit();
     }
 
     /// Queued frames not yet written, or connections ready to be closed.
@@ -239,11 +243,14 @@ impl<H: Handler> EventLoop<H> {
         if let Some(d) = self.accept_paused_until {
             consider(d);
         }
+        let st = self.state.borrow();
         if let Some(t) = self.idle_timeout {
-            let st = self.state.borrow();
             if let Some(c) = st.get(st.idle_head) {
                 consider(c.last_frame + t);
             }
+        }
+        if let Some(d) = st.next_linger_deadline() {
+            consider(d);
         }
         match next {
             None => -1,

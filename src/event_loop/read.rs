@@ -46,9 +46,9 @@ impl<H: Handler> EventLoop<H> {
         }
     }
 
-    pub(super) fn conn_event(&mut self, slot: u32, ev: &Event, now: Instant) {
+    pub(super) fn conn_event(&mut self, slot: u32, ev: &Event) {
         if ev.readable || ev.error {
-            self.read_ready(slot, now);
+            self.read_ready(slot);
         }
         let mut st = self.state.borrow_mut();
         let Some(c) = st.get_mut(slot) else { return };
@@ -62,7 +62,7 @@ impl<H: Handler> EventLoop<H> {
     }
 
     /// Reads what the peer sent and delivers every whole frame.
-    fn read_ready(&mut self, slot: u32, now: Instant) {
+    fn read_ready(&mut self, slot: u32) {
         let (fd, id, reading, paused) = {
             let st = self.state.borrow();
             let Some(c) = st.get(slot) else { return };
@@ -80,7 +80,11 @@ impl<H: Handler> EventLoop<H> {
         }
         if !self.handler.wants_input() {
             // Pull mode backpressure: stop watching, resume when drained.
-            self.state.borrow_mut().get_mut(slot).expect("checked above").paused = true;
+            // Waiting on the host is not idleness: off the idle list until then.
+            let mut st = self.state.borrow_mut();
+            st.get_mut(slot).expect("checked above").paused = true;
+            st.idle_unlink(slot);
+            drop(st);
             self.paused.push(slot);
             return self.sync_interest(slot);
         }
@@ -95,6 +99,7 @@ impl<H: Handler> EventLoop<H> {
         let mut delivered = 0u64;
         let mut eof = false;
         let mut failure: Option<(CloseReason, String)> = None;
+        let mut read_at = None;
         for _ in 0..READS_PER_WAKE {
             let n = match sys::recv(fd, scratch) {
                 Ok(0) => {
@@ -110,6 +115,10 @@ impl<H: Handler> EventLoop<H> {
                 }
             };
             bump(&stats.bytes_received, n as u64);
+            // A frame counts as received when its last byte is read, not
+            // when this iteration began (callbacks before it may be slow).
+            read_at = Some(Instant::now());
+            let mut starved = false;
             let fed = decoder.feed(&scratch[..n], &mut |frame| {
                 if shared.stopping.load(Ordering::Relaxed) {
                     return Flow::Stop;
@@ -119,7 +128,10 @@ impl<H: Handler> EventLoop<H> {
                 if frame == crate::server::PANIC_PAYLOAD {
                     panic!("fault injection: panic while dispatching a frame");
                 }
-                handler.on_message(id, frame);
+                if !handler.on_message(id, frame) {
+                    starved = true;
+                    return Flow::Stop;
+                }
                 delivered += 1;
                 // During dispatch a connection stops being read only through
                 // tf_conn_close (which sets this flag first, on any thread) or
@@ -130,6 +142,10 @@ impl<H: Handler> EventLoop<H> {
                     Flow::Continue
                 }
             });
+            if starved {
+                failure = Some((CloseReason::Overload, "no memory to queue a frame for the host".into()));
+                break;
+            }
             match fed {
                 Ok(Flow::Continue) if n < scratch.len() => break, // drained
                 Ok(Flow::Continue) => {}
@@ -139,6 +155,10 @@ impl<H: Handler> EventLoop<H> {
                         CloseReason::TooLarge,
                         format!("announced a frame of {announced} bytes (max frame {max})"),
                     ));
+                    break;
+                }
+                Err(DecodeError::OutOfMemory) => {
+                    failure = Some((CloseReason::Overload, "no memory for a partial frame".into()));
                     break;
                 }
             }
@@ -152,9 +172,10 @@ impl<H: Handler> EventLoop<H> {
         if eof {
             c.eof = true;
         }
-        if delivered > 0 {
-            st.idle_touch(slot, now);
+        if let (true, Some(at)) = (delivered > 0, read_at) {
+            st.idle_touch(slot, at);
         }
+        st.account_buffered(slot);
         if eof {
             st.mark_closing(slot, CloseReason::Peer);
         }
@@ -162,15 +183,48 @@ impl<H: Handler> EventLoop<H> {
             let c = st.conn_mut(slot);
             c.eof = true;
             c.discard_output();
+            st.drop_partial(slot);
             st.mark_closing(slot, reason);
             drop(st);
-            let level = if reason == CloseReason::TooLarge { LogLevel::Warn } else { LogLevel::Info };
+            let level = if reason == CloseReason::Io || reason == CloseReason::Peer {
+                LogLevel::Info
+            } else {
+                LogLevel::Warn
+            };
             let topic = if reason == CloseReason::TooLarge { Topic::Frame } else { Topic::Close };
             self.log.log(topic, level, || format!("tcpframe: connection {id} closed: {why}"));
         } else {
             drop(st);
         }
         self.sync_interest(slot);
+        self.enforce_budget();
+    }
+
+    /// Partial frames past the server's budget: the connection holding the
+    /// most is closed (TF_CLOSE_OVERLOAD), until the total fits again.
+    fn enforce_budget(&mut self) {
+        loop {
+            let mut st = self.state.borrow_mut();
+            if st.buffered <= self.max_buffered {
+                return;
+            }
+            let Some(victim) = st.largest_holder() else { return };
+            let c = st.conn_mut(victim);
+            let (id, held) = (c.id, c.buffered);
+            c.eof = true;
+            c.discard_output();
+            st.drop_partial(victim);
+            st.mark_closing(victim, CloseReason::Overload);
+            drop(st);
+            self.sync_interest(victim);
+            let budget = self.max_buffered;
+            self.log.log(Topic::Limit, LogLevel::Warn, || {
+                format!(
+                    "tcpframe: connection {id} closed: partial frames of all connections passed max buffered \
+                     ({budget} bytes); it held the most ({held} bytes)"
+                )
+            });
+        }
     }
 
     /// A closing connection's input is read and dropped, so that its final

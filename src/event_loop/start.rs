@@ -10,7 +10,6 @@ use crate::config::{Config, LogLevel, LogSink};
 use crate::server::Shared;
 use crate::sys::{Backend, Poller};
 use std::cell::RefCell;
-use std::fs::File;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
@@ -39,6 +38,8 @@ impl<H: Handler> Starter<H> {
             max_connections: config.max_connections as usize,
             max_frame: config.max_frame,
             max_queued_output: config.max_queued_output,
+            max_buffered: config.max_buffered,
+            close_timeout: Duration::from_millis(config.close_timeout_ms as u64),
             idle_timeout: (config.idle_timeout_ms > 0)
                 .then(|| Duration::from_millis(config.idle_timeout_ms as u64)),
             log: config.log.clone(),
@@ -57,6 +58,8 @@ pub struct Starter<H: Handler> {
     max_connections: usize,
     max_frame: u32,
     max_queued_output: u64,
+    max_buffered: u64,
+    close_timeout: Duration,
     idle_timeout: Option<Duration>,
     log: Option<LogSink>,
 }
@@ -64,7 +67,11 @@ pub struct Starter<H: Handler> {
 impl<H: Handler> Starter<H> {
     /// Runs the loop on the current thread until the server stops.
     pub fn run(self) {
-        let state = Rc::new(RefCell::new(State::new(self.idle_timeout.is_some(), self.max_queued_output)));
+        let state = Rc::new(RefCell::new(State::new(
+            self.idle_timeout.is_some(),
+            self.max_queued_output,
+            self.close_timeout,
+        )));
         let mut lp = EventLoop {
             shared: self.shared.clone(),
             state: state.clone(),
@@ -75,12 +82,12 @@ impl<H: Handler> Starter<H> {
             handler: self.handler,
             scratch: vec![0u8; SCRATCH],
             events: Vec::with_capacity(256),
-            cmds: Vec::new(),
             next_id: 1,
             max_connections: self.max_connections,
             max_frame: self.max_frame,
+            max_buffered: self.max_buffered,
             idle_timeout: self.idle_timeout,
-            spare_fd: File::open("/dev/null").ok(),
+            spare_fd: super::accept::open_spare(),
             accept_paused_until: None,
             shutdown_deadline: None,
             paused: Vec::new(),
@@ -90,13 +97,23 @@ impl<H: Handler> Starter<H> {
             log: Logger { sink: self.log, shared: self.shared.clone(), buckets: Default::default() },
         };
         CURRENT.with(|c| {
-            *c.borrow_mut() = Some(Link { shared: Arc::as_ptr(&lp.shared), state });
+            *c.borrow_mut() = Some(Link { shared: Arc::as_ptr(&lp.shared), epoch: lp.shared.epoch, state });
         });
         let (local, backend) = (lp.local, lp.backend);
         lp.log.log(Topic::Lifecycle, LogLevel::Info, || {
             format!("tcpframe: listening on {local} ({backend:?} backend)")
         });
+        if lp.spare_fd.is_none() {
+            lp.log.log(Topic::Accept, LogLevel::Warn, || {
+                "tcpframe: no spare file descriptor could be opened (RLIMIT_NOFILE too low?): \
+                 while descriptors run out, new connections wait in the backlog until one frees"
+                    .into()
+            });
+        }
         lp.run();
-        CURRENT.with(|c| c.borrow_mut().take());
+        let _ = CURRENT.try_with(|c| c.borrow_mut().take());
+        let shared = lp.shared.clone();
+        drop(lp); // the handler too: a pull queue learns that nothing more comes
+        shared.loop_ended();
     }
 }

@@ -1,13 +1,19 @@
 //! `State`: the loop's connection slab, id map, dirty and closing lists,
-//! buffer pool and idle order, plus tf_send / tf_conn_close / host commands.
+//! buffer pool, idle order, close deadlines and partial-frame budget, plus
+//! tf_send / tf_conn_close / tf_conn_abort / host commands.
 
 #![forbid(unsafe_code)]
 
-use crate::conn::{encoded_len, CloseReason, Conn, NIL};
+use crate::conn::{encoded_len, CloseReason, Conn, Phase, NIL};
 use crate::error::{Error, Result};
-use crate::server::{full_error, IdMap, CMD_CLOSE, CMD_SEND};
+use crate::outq::OutOfMemory;
+use crate::server::{abortable, full_error, out_of_memory, Cmd, IdMap, CMD_ABORT, CMD_CLOSE, CMD_SEND};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// Output chunks kept for reuse by the whole loop (at most 1 MiB in all).
+const POOL_MAX: usize = (1 << 20) / crate::outq::CHUNK;
 
 /// The loop's connection table and write side. Borrowed only between
 /// callbacks, by the loop itself or by tf_send/tf_conn_close on its thread.
@@ -29,10 +35,16 @@ pub struct State {
     /// The connection whose frames are being dispatched (id 0: none), so
     /// that the common reply to the sender skips the id lookup.
     pub(super) current: (u64, u32),
+    /// Graceful closes waiting for their output, by deadline (one timeout
+    /// for all, so arrival order is deadline order): (deadline, slot, id).
+    pub(super) lingering: VecDeque<(Instant, u32, u64)>,
+    close_timeout: Duration,
+    /// Partial-frame bytes held by all connections (the max_buffered budget).
+    pub(super) buffered: u64,
 }
 
 impl State {
-    pub(super) fn new(track_idle: bool, max_queued_output: u64) -> State {
+    pub(super) fn new(track_idle: bool, max_queued_output: u64, close_timeout: Duration) -> State {
         State {
             conns: Vec::new(),
             free: Vec::new(),
@@ -45,6 +57,9 @@ impl State {
             track_idle,
             max_queued_output,
             current: (0, NIL),
+            lingering: VecDeque::new(),
+            close_timeout,
+            buffered: 0,
         }
     }
 
@@ -88,6 +103,7 @@ impl State {
         self.idle_unlink(slot);
         let conn = self.conns.get_mut(slot as usize)?.take()?;
         self.ids.remove(&conn.id);
+        self.buffered -= conn.buffered as u64;
         self.free.push(slot);
         Some(conn)
     }
@@ -154,22 +170,109 @@ impl State {
     }
 
     pub(super) fn mark_closing(&mut self, slot: u32, reason: CloseReason) {
+        let close_timeout = self.close_timeout;
         let Some(c) = self.get_mut(slot) else { return };
-        c.mark_closing(reason);
+        let first = c.mark_closing(reason);
+        let id = c.id;
+        let waits = matches!(c.phase, Phase::Closing { flush: true, .. });
+        if !c.in_closing_list {
+            c.in_closing_list = true;
+            self.closing.push(slot);
+        }
+        if first && waits {
+            // A peer that never reads must not hold the connection forever.
+            self.lingering.push_back((Instant::now() + close_timeout, slot, id));
+        }
+    }
+
+    /// Drops the connection's output and resets it (tf_conn_abort, or a
+    /// close whose output could not be written in time).
+    pub(super) fn abort_slot(&mut self, slot: u32) {
+        let Some(c) = self.get_mut(slot) else { return };
+        c.abort();
         if !c.in_closing_list {
             c.in_closing_list = true;
             self.closing.push(slot);
         }
     }
 
-    fn queue_frame(&mut self, slot: u32, payload: &[u8]) {
+    /// Resets the graceful closes whose deadline passed with output still
+    /// queued; returns their ids (for the log).
+    pub(super) fn expire_lingering(&mut self, now: Instant) -> Vec<u64> {
+        let mut expired = Vec::new();
+        while let Some(&(deadline, slot, id)) = self.lingering.front() {
+            if deadline > now {
+                break;
+            }
+            self.lingering.pop_front();
+            let waiting = self
+                .get_id(slot, id)
+                .is_some_and(|c| matches!(c.phase, Phase::Closing { flush: true, .. }) && c.has_output());
+            if waiting {
+                self.abort_slot(slot);
+                expired.push(id);
+            }
+        }
+        expired
+    }
+
+    /// The next close deadline, if any.
+    pub(super) fn next_linger_deadline(&self) -> Option<Instant> {
+        self.lingering.front().map(|&(d, _, _)| d)
+    }
+
+    /// Brings the budget up to date with what `slot`'s decoder now holds.
+    pub(super) fn account_buffered(&mut self, slot: u32) {
+        let Some(c) = self.get_mut(slot) else { return };
+        let now_held = c.decoder.held_capacity();
+        let before = std::mem::replace(&mut c.buffered, now_held);
+        self.buffered = self.buffered - before as u64 + now_held as u64;
+    }
+
+    /// The connection holding the most partial-frame bytes.
+    pub(super) fn largest_holder(&self) -> Option<u32> {
+        self.ids
+            .values()
+            .copied()
+            .filter(|&s| self.get(s).is_some_and(|c| c.buffered > 0))
+            .max_by_key(|&s| self.get(s).map_or(0, |c| c.buffered))
+    }
+
+    /// Gives the partial frame of a closing connection back to the budget.
+    pub(super) fn drop_partial(&mut self, slot: u32) {
+        if let Some(c) = self.get_mut(slot) {
+            c.decoder.clear();
+        }
+        self.account_buffered(slot);
+    }
+
+    fn queue_frame(&mut self, slot: u32, payload: &[u8]) -> std::result::Result<(), OutOfMemory> {
         let pool = &mut self.pool;
         if let Some(c) = self.conns.get_mut(slot as usize).and_then(|c| c.as_mut()) {
-            c.push_frame(payload, || pool.pop().unwrap_or_default());
+            c.push_frame(payload, &mut || pool.pop())?;
             if !c.dirty {
                 c.dirty = true;
                 self.dirty.push(slot);
             }
+        }
+        Ok(())
+    }
+
+    /// Records that `n` bytes of `slot`'s output were written; returns the
+    /// frames completed. Written chunks go back to the pool.
+    pub(super) fn wrote(&mut self, slot: u32, n: usize) -> u64 {
+        let pool = &mut self.pool;
+        match self.conns.get_mut(slot as usize).and_then(|c| c.as_mut()) {
+            Some(c) => c.wrote(n, &mut |chunk| State::recycle(pool, chunk)),
+            None => 0,
+        }
+    }
+
+    /// A written output chunk, kept for reuse while the pool has room.
+    pub(super) fn recycle(pool: &mut Vec<Vec<u8>>, mut chunk: Vec<u8>) {
+        if pool.len() < POOL_MAX && chunk.capacity() <= crate::outq::CHUNK {
+            chunk.clear();
+            pool.push(chunk);
         }
     }
 
@@ -184,35 +287,62 @@ impl State {
         if !c.takes_frames() || c.shared.close_requested.load(Ordering::Acquire) {
             return Err(Error::no_conn(id));
         }
-        c.shared
-            .reserve(encoded_len(payload.len()), limit)
-            .map_err(|_| full_error(id, payload.len(), limit))?;
-        self.queue_frame(slot, payload);
+        let n = encoded_len(payload.len());
+        c.shared.reserve(n, limit).map_err(|_| full_error(id, payload.len(), limit))?;
+        if self.queue_frame(slot, payload).is_err() {
+            if let Some(c) = self.get_mut(slot) {
+                c.shared.release(n);
+            }
+            return Err(out_of_memory(id, payload.len()));
+        }
         Ok(())
     }
 
-    /// tf_conn_close on the loop thread.
+    /// tf_conn_close on the loop thread: only for a connection that is not
+    /// closing already (for whatever reason).
     pub(super) fn close(&mut self, id: u64) -> Result<()> {
         let slot = *self.ids.get(&id).ok_or_else(|| Error::no_conn(id))?;
         let c = self.get_mut(slot).ok_or_else(|| Error::no_conn(id))?;
-        if c.shared.close_requested.swap(true, Ordering::AcqRel) {
+        if c.phase != Phase::Open || c.shared.close_requested.swap(true, Ordering::AcqRel) {
             return Err(Error::no_conn(id));
         }
         self.mark_closing(slot, CloseReason::Local);
         Ok(())
     }
 
+    /// tf_conn_abort on the loop thread.
+    pub(super) fn abort(&mut self, id: u64) -> Result<()> {
+        let slot = *self.ids.get(&id).ok_or_else(|| Error::no_conn(id))?;
+        let c = self.get_mut(slot).ok_or_else(|| Error::no_conn(id))?;
+        if !abortable(&c.shared) {
+            return Err(Error::no_conn(id));
+        }
+        c.shared.close_requested.store(true, Ordering::Release);
+        self.abort_slot(slot);
+        Ok(())
+    }
+
     /// Applies one host command; the host already checked and reserved.
-    pub(super) fn apply(&mut self, kind: u8, id: u64, payload: &[u8]) {
-        let Some(&slot) = self.ids.get(&id) else { return };
+    pub(super) fn apply(&mut self, cmd: &Cmd<'_>) {
+        let Some(&slot) = self.ids.get(&cmd.id) else { return };
         let Some(c) = self.get_mut(slot) else { return };
-        match kind {
+        match cmd.kind {
             CMD_SEND if c.is_flushing() => {
                 // Accepted before tf_conn_close or stop: still written.
-                self.queue_frame(slot, payload)
+                let pool = &mut self.pool;
+                let c = self.conns[slot as usize].as_mut().expect("looked up above");
+                if c.out.push_encoded(cmd.bytes, cmd.frames as u64, &mut || pool.pop()).is_err() {
+                    c.shared.release(cmd.bytes.len() as u64);
+                    c.discard_output();
+                    c.eof = true;
+                    self.mark_closing(slot, CloseReason::Overload);
+                } else {
+                    self.mark_dirty(slot);
+                }
             }
-            CMD_SEND => c.shared.release(encoded_len(payload.len())),
+            CMD_SEND => c.shared.release(cmd.bytes.len() as u64),
             CMD_CLOSE => self.mark_closing(slot, CloseReason::Local),
+            CMD_ABORT => self.abort_slot(slot),
             _ => {}
         }
     }

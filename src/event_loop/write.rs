@@ -2,8 +2,9 @@
 
 #![forbid(unsafe_code)]
 
-use super::{is_reset, would_block, EventLoop, Handler, POOL_MAX};
+use super::{is_reset, would_block, EventLoop, Handler};
 use crate::conn::CloseReason;
+use crate::outq::MAX_IOV;
 use crate::server::bump;
 use crate::sys;
 
@@ -30,17 +31,21 @@ impl<H: Handler> EventLoop<H> {
         if !c.has_output() {
             return;
         }
-        match sys::send(sys::raw(&c.fd), &c.out[c.out_pos..]) {
+        let fd = sys::raw(&c.fd);
+        let sent = if c.out.chunk_count() <= 1 {
+            sys::send(fd, c.out.first_slice())
+        } else {
+            let mut iov = Vec::with_capacity(c.out.chunk_count().min(MAX_IOV));
+            c.out.slices(&mut iov);
+            sys::sendv(fd, &iov)
+        };
+        match sent {
             Ok(n) => {
                 bump(&stats.bytes_sent, n as u64);
-                let (frames, buf) = c.wrote(n);
+                let frames = st.wrote(slot, n);
                 bump(&stats.frames_sent, frames);
+                let c = st.conn_mut(slot);
                 c.want_write = c.has_output();
-                if let Some(buf) = buf {
-                    if st.pool.len() < POOL_MAX {
-                        st.pool.push(buf);
-                    }
-                }
             }
             Err(e) if would_block(&e) => c.want_write = true,
             Err(e) => {

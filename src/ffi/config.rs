@@ -14,7 +14,8 @@ pub struct tf_config {
 
 /// A new configuration with every default: address "127.0.0.1:5882",
 /// 4096 max connections, 8 MiB max frame, no idle timeout, 16 MiB max
-/// queued output per connection, the platform's best backend, no log.
+/// queued output per connection, 10 s close timeout, 1 GiB of partial
+/// inbound frames in all, the platform's best backend, no log.
 ///
 /// Returns NULL only when out of memory.
 ///
@@ -112,6 +113,33 @@ pub unsafe extern "C" fn tf_config_set_max_queued_output(cfg: *mut tf_config, by
     guard(|| {
         // SAFETY: `cfg` is NULL or a live tf_config.
         unsafe { arg_mut(cfg, "cfg")? }.inner.set_max_queued_output(bytes)
+    })
+}
+
+/// Sets how long tf_conn_close() waits for a connection's queued output to
+/// be written (default 10000 ms). A peer that does not read within it is
+/// reset; on_close still reports TF_CLOSE_LOCAL. 0 is TF_ERR_INVALID.
+///
+/// **Thread:** any thread, one at a time per configuration.
+#[no_mangle]
+pub unsafe extern "C" fn tf_config_set_close_timeout_ms(cfg: *mut tf_config, ms: u32) -> i32 {
+    guard(|| {
+        // SAFETY: `cfg` is NULL or a live tf_config.
+        unsafe { arg_mut(cfg, "cfg")? }.inner.set_close_timeout_ms(ms)
+    })
+}
+
+/// Sets the budget for the bytes of partial inbound frames held by all
+/// connections of the server together (default 1 GiB, 1073741824). When a
+/// read would take the total past it, the connection holding the most
+/// partial-frame bytes is closed with TF_CLOSE_OVERLOAD. 0 is TF_ERR_INVALID.
+///
+/// **Thread:** any thread, one at a time per configuration.
+#[no_mangle]
+pub unsafe extern "C" fn tf_config_set_max_buffered(cfg: *mut tf_config, bytes: u64) -> i32 {
+    guard(|| {
+        // SAFETY: `cfg` is NULL or a live tf_config.
+        unsafe { arg_mut(cfg, "cfg")? }.inner.set_max_buffered(bytes)
     })
 }
 

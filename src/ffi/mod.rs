@@ -57,6 +57,10 @@ pub const TF_CLOSE_IO: i32 = 3;
 pub const TF_CLOSE_TOO_LARGE: i32 = 4;
 /// on_close reason: no complete frame was received within the idle timeout.
 pub const TF_CLOSE_IDLE: i32 = 5;
+/// on_close reason: memory for this connection could not be had: the
+/// partial-frame budget (tf_config_set_max_buffered()) was full and it held
+/// the most, or an allocation failed.
+pub const TF_CLOSE_OVERLOAD: i32 = 9;
 
 /// Backend: epoll on Linux, poll(2) elsewhere (the default).
 pub const TF_BACKEND_AUTO: i32 = 0;
@@ -89,6 +93,7 @@ const _: () = {
     assert!(CloseReason::Io as i32 == TF_CLOSE_IO);
     assert!(CloseReason::TooLarge as i32 == TF_CLOSE_TOO_LARGE);
     assert!(CloseReason::Idle as i32 == TF_CLOSE_IDLE);
+    assert!(CloseReason::Overload as i32 == TF_CLOSE_OVERLOAD);
     assert!(LogLevel::Error as i32 == TF_LOG_ERROR && LogLevel::Debug as i32 == TF_LOG_DEBUG);
 };
 
@@ -99,9 +104,16 @@ thread_local! {
 static VERSION: Lazy<CString> =
     Lazy::new(|| CString::new(env!("CARGO_PKG_VERSION")).expect("version has no NUL"));
 
+/// Records the message for tf_last_error(). From a thread-exit destructor
+/// the thread-local may already be gone: the message is then dropped (the
+/// code is still returned), never a panic.
 fn set_last_error(message: &str) {
     let text = CString::new(message.replace('\0', " ")).unwrap_or_default();
-    LAST_ERROR.with(|e| *e.borrow_mut() = text);
+    let _ = LAST_ERROR.try_with(|e| {
+        if let Ok(mut slot) = e.try_borrow_mut() {
+            *slot = text;
+        }
+    });
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -220,7 +232,13 @@ pub(crate) unsafe fn arg_bytes<'a>(p: *const u8, len: usize, what: &str) -> Resu
 /// call that failed, not in the same expression). Never NULL.
 #[no_mangle]
 pub extern "C" fn tf_last_error() -> *const c_char {
-    guard_or(c"".as_ptr(), || Ok(LAST_ERROR.with(|e| e.borrow().as_ptr())))
+    guard_or(c"".as_ptr(), || {
+        // The CString's buffer stays put until the next failing call on this
+        // thread replaces it; "" once the thread-local is gone.
+        Ok(LAST_ERROR
+            .try_with(|e| e.try_borrow().map(|s| s.as_ptr()).unwrap_or(c"".as_ptr()))
+            .unwrap_or(c"".as_ptr()))
+    })
 }
 
 /// The library version, such as "0.1.0".

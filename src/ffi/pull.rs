@@ -93,7 +93,9 @@ pub unsafe extern "C" fn tf_server_fd(srv: *const tf_server) -> std::ffi::c_int 
 /// the server has stopped and every event was taken; TF_ERR_INVALID for
 /// NULL pointers, `max` 0, or a callback-mode server.
 ///
-/// **Thread:** any thread, one at a time per server.
+/// **Thread:** any thread, one at a time per server. A call with timeout 0
+/// never waits: while another thread is inside tf_server_poll() on the same
+/// server it returns TF_OK with `*count` 0.
 /// **Ownership:** data pointers in the events stay valid until the next
 /// tf_server_poll() on this server or tf_server_free().
 #[no_mangle]
@@ -118,7 +120,9 @@ pub unsafe extern "C" fn tf_server_poll(
         let pull = s.pull.as_ref().ok_or_else(|| Error::invalid("not a pull-mode server"))?;
         // SAFETY: `count` is non-NULL and writable.
         unsafe { count.write(0) };
-        let batch = pull.poll(max, timeout_ms)?;
+        let Some(batch) = pull.poll(max, timeout_ms)? else {
+            return Ok(()); // timeout 0 while another thread polls: no events
+        };
         for (i, ev) in batch.iter().enumerate() {
             let e = tf_event {
                 kind: ev.kind,

@@ -6,7 +6,7 @@ use crate::conn::CloseReason;
 use crate::error::{Error, Result};
 use crate::event_loop::Handler;
 use crate::pull::PullHost;
-use crate::server::Server;
+use crate::server::{Freed, Server};
 use std::ffi::{c_char, c_int, c_void};
 use std::time::Duration;
 
@@ -81,13 +81,14 @@ impl Handler for Callbacks {
         unsafe { f(self.cb.user_data, conn, self.peer.as_ptr() as *const c_char) == 0 }
     }
 
-    fn on_message(&mut self, conn: u64, data: &[u8]) {
+    fn on_message(&mut self, conn: u64, data: &[u8]) -> bool {
         if let Some(f) = self.cb.on_message {
             let ptr = if data.is_empty() { std::ptr::null() } else { data.as_ptr() };
             // SAFETY: the host's function, with `len` readable bytes at `ptr`
             // that live until it returns.
             unsafe { f(self.cb.user_data, conn, ptr, data.len()) }
         }
+        true
     }
 
     fn on_close(&mut self, conn: u64, reason: CloseReason) {
@@ -194,9 +195,16 @@ pub unsafe extern "C" fn tf_send(srv: *mut tf_server, conn: tf_conn_id, data: *c
 }
 
 /// Stops reading from `conn`, writes what is already queued for it, then
-/// closes it; on_close(TF_CLOSE_LOCAL) follows on the loop thread. After
-/// it, tf_send on `conn` returns TF_ERR_NO_CONN, and so does a second
-/// tf_conn_close. TF_ERR_STOPPED once stop has begun.
+/// closes it; on_close(TF_CLOSE_LOCAL) follows on the loop thread. A peer
+/// that has not read it all within the close timeout (default 10 s, see
+/// tf_config_set_close_timeout_ms()) is reset, still as TF_CLOSE_LOCAL;
+/// tf_conn_abort() gives up at once. After it, tf_send on `conn` returns
+/// TF_ERR_NO_CONN, and so does a second tf_conn_close.
+///
+/// Returns TF_OK; TF_ERR_NO_CONN for an unknown or closed id, or one
+/// already closing for another reason (too large, idle, I/O error, overload,
+/// peer gone): its on_close then carries that reason; TF_ERR_STOPPED once
+/// stop has begun.
 ///
 /// **Thread:** any thread, including inside callbacks.
 #[no_mangle]
@@ -204,6 +212,26 @@ pub unsafe extern "C" fn tf_conn_close(srv: *mut tf_server, conn: tf_conn_id) ->
     guard(|| {
         // SAFETY: `srv` is NULL or a live tf_server.
         unsafe { server(srv)? }.inner.close(conn)
+    })
+}
+
+/// Closes `conn` now: its queued output is discarded and the socket is
+/// reset (the peer sees a connection reset); on_close(TF_CLOSE_LOCAL)
+/// follows on the loop thread. Also allowed after tf_conn_close(), to give
+/// up on a peer that does not read what it is owed. After it, tf_send on
+/// `conn` returns TF_ERR_NO_CONN.
+///
+/// Returns TF_OK; TF_ERR_NO_CONN for an unknown id, one whose on_close has
+/// run (or is due: its pull-mode CLOSE event was produced), or one already
+/// closing for a reason of its own (too large, idle, I/O error, overload);
+/// TF_ERR_STOPPED once stop has begun; TF_ERR_INVALID for NULL.
+///
+/// **Thread:** any thread, including inside callbacks.
+#[no_mangle]
+pub unsafe extern "C" fn tf_conn_abort(srv: *mut tf_server, conn: tf_conn_id) -> i32 {
+    guard(|| {
+        // SAFETY: `srv` is NULL or a live tf_server.
+        unsafe { server(srv)? }.inner.abort(conn)
     })
 }
 
@@ -256,12 +284,26 @@ pub unsafe extern "C" fn tf_server_stop(srv: *mut tf_server, drain_ms: u32) -> i
 }
 
 /// Stops the server (drain 0) if it is still running, then frees it. NULL
-/// is fine. Called from inside one of its own callbacks, it stops the
-/// server without waiting and runs no further callback; the loop thread
-/// then ends on its own. In a child process forked after the server
-/// started, it frees nothing the parent uses (the memory is left as is).
+/// is fine. When it returns, no callback of the server will run again
+/// (so its user_data may be freed), with the two exceptions below.
 ///
-/// **Thread:** any thread, once per server.
+/// - From inside one of the server's OWN callbacks: it returns at once; no
+///   callback of that server runs afterwards, not even on_close for the
+///   connections still open (the host is tearing it down); its listener and
+///   connections are closed by its loop thread within about a second, as
+///   soon as the calling callback has returned.
+/// - From inside a callback of ANOTHER server it waits like a call from any
+///   thread. But if the server being freed is itself, at that moment, inside
+///   a callback waiting to free the caller's server (two servers freeing
+///   each other), waiting would deadlock: then this call returns at once,
+///   and the freed server runs no callback after the one in progress (the
+///   one that is freeing the caller's server) returns.
+///
+/// In a child process forked after the server started, it frees nothing the
+/// parent uses (the memory is left as is).
+///
+/// **Thread:** any thread, once per server, including inside callbacks of
+/// this or another server, and thread-exit destructors.
 /// **Ownership:** `srv` is invalid afterwards, and so are event data pointers.
 #[no_mangle]
 pub unsafe extern "C" fn tf_server_free(srv: *mut tf_server) {
@@ -276,16 +318,14 @@ pub unsafe extern "C" fn tf_server_free(srv: *mut tf_server) {
         if s.inner.check_process().is_err() {
             return Ok(()); // the parent's server: touch nothing, free nothing
         }
-        if s.inner.in_callback() {
-            // SAFETY: freed once, as documented; no further callback runs, and
-            // the caller does not use `srv` after this call.
-            let tf_server { inner, pull } = *unsafe { Box::from_raw(srv) };
-            drop(pull);
-            inner.abandon_from_callback();
-        } else {
-            let _ = s.inner.stop(Duration::ZERO);
-            // SAFETY: the loop thread has been joined: nothing else uses `srv`.
-            drop(unsafe { Box::from_raw(srv) });
+        // SAFETY: freed once, as documented. With Freed::Now the loop thread
+        // has ended: nothing else uses `srv`. With Freed::ByLoop a callback of
+        // this server may still be running (and using `srv`): the loop thread
+        // drops the handle once that callback has returned.
+        let handle = unsafe { Box::from_raw(srv) };
+        match handle.inner.stop_for_free() {
+            Freed::Now => drop(handle),
+            Freed::ByLoop => handle.inner.shared().clone().defer_drop(handle),
         }
         Ok(())
     });

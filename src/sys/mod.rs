@@ -6,13 +6,13 @@ pub mod poll;
 mod socket;
 mod waker;
 
-pub use socket::{accept, discard_input, listen, nodelay, raw, recv, send, Accepted};
+pub use socket::{accept, discard_input, listen, nodelay, raw, recv, send, sendv, set_linger_zero, Accepted};
 pub use waker::Waker;
 
+use once_cell::sync::OnceCell;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Once;
 
 /// What a registered descriptor is watched for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -88,25 +88,69 @@ impl Poller {
     }
 }
 
-static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
-static ATFORK: Once = Once::new();
+/// One page marked MADV_WIPEONFORK: the kernel hands a child process a
+/// zeroed copy of it, however the child was made (fork(), _Fork(), clone()
+/// without CLONE_VM), with no atfork handler to skip. It holds this
+/// process's epoch; 0 means "a child that has not looked yet".
+struct EpochPage(Option<&'static AtomicU64>);
 
-extern "C" fn after_fork_in_child() {
-    FORK_GENERATION.fetch_add(1, Ordering::SeqCst);
+static EPOCH_PAGE: OnceCell<EpochPage> = OnceCell::new();
+/// Epochs handed out so far in this process image (inherited by children,
+/// so a child's epoch differs from its parent's even with a reused pid).
+static EPOCHS: AtomicU64 = AtomicU64::new(0);
+
+fn epoch_page() -> Option<&'static AtomicU64> {
+    EPOCH_PAGE
+        .get_or_init(|| {
+            // SAFETY: an anonymous private mapping of one page; the result is
+            // checked before use and the mapping is never unmapped.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return EpochPage(None);
+            }
+            // SAFETY: `p` is the page just mapped, and page-aligned.
+            if unsafe { libc::madvise(p, 4096, libc::MADV_WIPEONFORK) } != 0 {
+                // SAFETY: unmaps the page mapped above, used by nothing.
+                unsafe { libc::munmap(p, 4096) };
+                return EpochPage(None);
+            }
+            // SAFETY: the page is zeroed, aligned, lives for the process, and
+            // is only ever accessed as this one atomic.
+            EpochPage(Some(unsafe { &*(p as *const AtomicU64) }))
+        })
+        .0
 }
 
-/// How many times this process image has been forked into a child: a server
-/// remembers the value at start and is unusable where it differs. Reading it
-/// costs an atomic load, not a getpid() system call.
-pub fn fork_generation() -> u64 {
-    ATFORK.call_once(|| {
-        // SAFETY: registers a handler that only touches an atomic; it is
-        // async-signal-safe, which is what a child-side atfork handler needs.
-        unsafe {
-            libc::pthread_atfork(None, None, Some(after_fork_in_child));
-        }
-    });
-    FORK_GENERATION.load(Ordering::SeqCst)
+fn getpid() -> u64 {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() as u64 }
+}
+
+/// Identifies this process: it differs in any child made from it, by any
+/// kind of fork. A server remembers the value at start and is unusable where
+/// it differs. Costs an atomic load (a getpid() call on kernels before 4.14,
+/// which lack MADV_WIPEONFORK).
+pub fn process_epoch() -> u64 {
+    let Some(page) = epoch_page() else { return getpid() };
+    let v = page.load(Ordering::Acquire);
+    if v != 0 {
+        return v;
+    }
+    // First look in this process (or in a child, whose page was wiped).
+    let new = ((EPOCHS.fetch_add(1, Ordering::AcqRel) + 1) << 32) | (getpid() & 0xFFFF_FFFF);
+    match page.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => new,
+        Err(current) => current,
+    }
 }
 
 /// Retries a system call wrapper while it fails with EINTR.

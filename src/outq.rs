@@ -1,0 +1,305 @@
+//! One connection's output queue: encoded frames in chunks of at most CHUNK
+//! bytes, each freed as soon as it is written, so memory follows what is queued.
+//!
+//! Why chunks and not one growing buffer: a single buffer keeps the bytes
+//! already written until it is compacted and grows by doubling, so it can
+//! cost twice its bound or more. Here a queue holding `q` unsent bytes holds
+//! at most `q` plus one partly written head chunk and one partly filled tail
+//! chunk: about q + 2 × CHUNK, whatever the frame sizes. Every allocation is
+//! fallible: when memory cannot be had the frame is refused, nothing aborts.
+
+// Safe Rust only: unsafe code lives in src/ffi/ and src/sys/.
+#![forbid(unsafe_code)]
+
+use crate::frame::{self, Walker, PREFIX_LEN};
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+/// Largest chunk. Frames larger than this are split across chunks.
+pub const CHUNK: usize = 32 * 1024;
+/// Smallest chunk allocated for a new tail (it grows by doubling to CHUNK).
+const MIN_CHUNK: usize = 256;
+/// Most chunks handed to one sendmsg.
+pub const MAX_IOV: usize = 64;
+
+/// Memory for a frame could not be had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutOfMemory;
+
+#[derive(Debug, Default)]
+pub struct OutQueue {
+    chunks: VecDeque<Vec<u8>>,
+    /// Bytes of the first chunk already written.
+    head_pos: usize,
+    /// Bytes queued and not yet written.
+    unsent: usize,
+    /// Frames queued and not yet counted as sent.
+    frames: u64,
+    /// Where the written part ends in the frame stream.
+    walker: Walker,
+}
+
+impl OutQueue {
+    pub fn is_empty(&self) -> bool {
+        self.unsent == 0
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn unsent(&self) -> usize {
+        self.unsent
+    }
+
+    /// Heap bytes held by the queue's chunks (for tests and budgets).
+    pub fn held(&self) -> usize {
+        self.chunks.iter().map(|c| c.capacity()).sum::<usize>()
+            + self.chunks.capacity() * std::mem::size_of::<Vec<u8>>()
+    }
+
+    /// Makes room for `n` more bytes, all or nothing. `spare` offers an empty
+    /// buffer to reuse (the loop's pool) before a new one is allocated.
+    fn reserve(&mut self, n: usize, spare: &mut dyn FnMut() -> Option<Vec<u8>>) -> Result<(), OutOfMemory> {
+        let mut room = self.chunks.back().map_or(0, |t| t.capacity() - t.len());
+        if room >= n {
+            return Ok(());
+        }
+        // Grow a small tail first (doubling, up to CHUNK).
+        if let Some(tail) = self.chunks.back_mut() {
+            if tail.capacity() < CHUNK {
+                let target = CHUNK.min((tail.capacity() * 2).max(tail.len() + n));
+                tail.try_reserve_exact(target - tail.len()).map_err(|_| OutOfMemory)?;
+                room = tail.capacity() - tail.len();
+            }
+        }
+        let before = self.chunks.len();
+        let mut missing = n.saturating_sub(room);
+        while missing > 0 {
+            let want = missing.min(CHUNK);
+            let chunk = match spare().filter(|b| b.capacity() >= want) {
+                Some(b) => b,
+                None => {
+                    let mut b = Vec::new();
+                    let cap = if missing >= CHUNK { CHUNK } else { want.max(MIN_CHUNK) };
+                    if b.try_reserve_exact(cap).is_err() || self.chunks.try_reserve(1).is_err() {
+                        self.chunks.truncate(before);
+                        return Err(OutOfMemory);
+                    }
+                    b
+                }
+            };
+            missing -= want.min(chunk.capacity());
+            self.chunks.push_back(chunk);
+        }
+        Ok(())
+    }
+
+    /// Copies `bytes` into the reserved room, filling chunks in order.
+    fn fill(&mut self, mut bytes: &[u8]) {
+        let first_with_room =
+            self.chunks.iter().position(|c| c.len() < c.capacity()).unwrap_or(self.chunks.len());
+        for c in self.chunks.iter_mut().skip(first_with_room) {
+            if bytes.is_empty() {
+                break;
+            }
+            let take = (c.capacity() - c.len()).min(bytes.len());
+            c.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+        }
+        debug_assert!(bytes.is_empty(), "reserve made room for every byte");
+    }
+
+    /// Appends one frame (prefix + payload), or nothing when memory is short.
+    pub fn push_frame(
+        &mut self,
+        payload: &[u8],
+        spare: &mut dyn FnMut() -> Option<Vec<u8>>,
+    ) -> Result<(), OutOfMemory> {
+        let n = PREFIX_LEN + payload.len();
+        self.reserve(n, spare)?;
+        self.fill(&frame::prefix(payload.len()));
+        self.fill(payload);
+        self.unsent += n;
+        self.frames += 1;
+        Ok(())
+    }
+
+    /// Appends frames already encoded (`frames` of them, whole), or nothing.
+    pub fn push_encoded(
+        &mut self,
+        bytes: &[u8],
+        frames: u64,
+        spare: &mut dyn FnMut() -> Option<Vec<u8>>,
+    ) -> Result<(), OutOfMemory> {
+        self.reserve(bytes.len(), spare)?;
+        self.fill(bytes);
+        self.unsent += bytes.len();
+        self.frames += frames;
+        Ok(())
+    }
+
+    /// Chunks holding unsent bytes (1 in the common case of a small queue).
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// The unsent bytes of the first chunk.
+    pub fn first_slice(&self) -> &[u8] {
+        self.chunks.front().map_or(&[], |c| &c[self.head_pos..])
+    }
+
+    /// The unsent bytes, as at most MAX_IOV slices for one sendmsg.
+    pub fn slices<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) {
+        out.clear();
+        for (i, c) in self.chunks.iter().enumerate().take(MAX_IOV) {
+            let start = if i == 0 { self.head_pos } else { 0 };
+            if c.len() > start {
+                out.push(IoSlice::new(&c[start..]));
+            }
+        }
+    }
+
+    /// Records that `n` more bytes reached the socket. Returns the frames
+    /// they completed; written chunks go to `recycle` (the loop's pool).
+    pub fn wrote(&mut self, n: usize, recycle: &mut dyn FnMut(Vec<u8>)) -> u64 {
+        debug_assert!(n <= self.unsent);
+        if n >= self.unsent {
+            // Everything went (the common case): no prefix walk.
+            let frames = std::mem::take(&mut self.frames);
+            self.unsent = 0;
+            self.head_pos = 0;
+            self.walker.reset();
+            for c in self.chunks.drain(..) {
+                recycle(c);
+            }
+            return frames;
+        }
+        self.unsent -= n;
+        let mut left = n;
+        let mut frames = 0;
+        while left > 0 {
+            let Some(c) = self.chunks.front() else { break };
+            let take = (c.len() - self.head_pos).min(left);
+            frames += self.walker.advance(&c[self.head_pos..self.head_pos + take]);
+            self.head_pos += take;
+            left -= take;
+            if self.head_pos == c.len() {
+                self.head_pos = 0;
+                if let Some(c) = self.chunks.pop_front() {
+                    recycle(c);
+                }
+            }
+        }
+        self.frames -= frames;
+        frames
+    }
+
+    /// Drops everything unsent; returns how many bytes that was.
+    pub fn discard(&mut self) -> usize {
+        let unsent = self.unsent;
+        *self = OutQueue::default();
+        unsent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn none() -> Option<Vec<u8>> {
+        None
+    }
+
+    fn drain_all(q: &mut OutQueue) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut v = Vec::new();
+        q.slices(&mut v);
+        for s in &v {
+            out.extend_from_slice(s);
+        }
+        out
+    }
+
+    #[test]
+    fn frames_come_out_encoded_in_order() {
+        let mut q = OutQueue::default();
+        q.push_frame(b"abc", &mut none).unwrap();
+        q.push_frame(b"", &mut none).unwrap();
+        let big = vec![7u8; CHUNK * 2 + 5];
+        q.push_frame(&big, &mut none).unwrap();
+        let mut want = Vec::new();
+        for p in [&b"abc"[..], b"", &big] {
+            frame::encode_into(&mut want, p);
+        }
+        assert_eq!(q.unsent(), want.len());
+        let mut got = Vec::new();
+        while !q.is_empty() {
+            let bytes = drain_all(&mut q);
+            let n = bytes.len().min(1000);
+            got.extend_from_slice(&bytes[..n]);
+            q.wrote(n, &mut drop);
+        }
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn partial_writes_count_whole_frames_only() {
+        let mut q = OutQueue::default();
+        for p in [&b"abc"[..], b"", b"hello"] {
+            q.push_frame(p, &mut none).unwrap();
+        }
+        assert_eq!(q.wrote(5, &mut drop), 0);
+        assert_eq!(q.wrote(6, &mut drop), 2);
+        assert_eq!(q.wrote(9, &mut drop), 1);
+        assert!(q.is_empty());
+        assert_eq!(q.held(), q.chunks.capacity() * std::mem::size_of::<Vec<u8>>());
+    }
+
+    #[test]
+    fn memory_held_stays_near_what_is_queued_for_any_frame_size() {
+        for size in [0usize, 1, 63, 1000, 4096, CHUNK - 4, CHUNK, 100_000, 1 << 20] {
+            let mut q = OutQueue::default();
+            let payload = vec![1u8; size];
+            while q.unsent() < (4 << 20) {
+                q.push_frame(&payload, &mut none).unwrap();
+            }
+            // Write an odd amount, as a slow peer would, then refill.
+            q.wrote(q.unsent() / 3 + 7, &mut drop);
+            while q.unsent() < (4 << 20) {
+                q.push_frame(&payload, &mut none).unwrap();
+            }
+            let bound = q.unsent() + q.unsent() / 8 + 2 * CHUNK;
+            assert!(q.held() <= bound, "frame {size}: held {} for {} queued", q.held(), q.unsent());
+        }
+    }
+
+    #[test]
+    fn a_spare_buffer_is_reused_before_allocating() {
+        let mut q = OutQueue::default();
+        let mut pool = vec![Vec::with_capacity(CHUNK)];
+        q.push_frame(&[1u8; 100], &mut || pool.pop()).unwrap();
+        assert!(pool.is_empty());
+        let mut back = Vec::new();
+        q.wrote(104, &mut |b| back.push(b));
+        assert_eq!(back.len(), 1);
+    }
+
+    #[test]
+    fn discard_drops_everything() {
+        let mut q = OutQueue::default();
+        q.push_frame(&[0u8; 70_000], &mut none).unwrap();
+        q.wrote(10, &mut drop);
+        assert_eq!(q.discard(), 70_004 - 10);
+        assert!(q.is_empty());
+        assert_eq!(q.held(), 0);
+    }
+
+    #[test]
+    fn encoded_runs_keep_their_frame_count() {
+        let mut q = OutQueue::default();
+        let mut run = Vec::new();
+        for p in [&b"x"[..], b"yy", b""] {
+            frame::encode_into(&mut run, p);
+        }
+        q.push_encoded(&run, 3, &mut none).unwrap();
+        assert_eq!(q.wrote(run.len(), &mut drop), 3);
+    }
+}
