@@ -255,9 +255,10 @@ extern "C" {
  * The message of the last failed call on the calling thread; "" if none.
  *
  * **Thread:** any thread; each thread has its own message.
- * **Ownership:** the library owns the string; it stays valid until the
- * next failing tcpframe call on the same thread (so read it after the
- * call that failed, not in the same expression). Never NULL.
+ * **Ownership:** the library owns the string; never free it. Its text
+ * stays until the next failing tcpframe call on the same thread rewrites
+ * it (read it after the call that failed); the pointer itself stays valid
+ * for the thread's whole life. At most 1023 bytes. Never NULL.
  */
 const char *tf_last_error(void);
 

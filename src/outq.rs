@@ -19,6 +19,9 @@ use std::io::IoSlice;
 pub const CHUNK: usize = 32 * 1024;
 /// Smallest chunk allocated for a new tail (it grows by doubling to CHUNK).
 const MIN_CHUNK: usize = 256;
+/// A pending chunk at least this full (and three quarters used) is moved,
+/// not copied, when a host thread's frames join a connection's queue.
+const MOVE_FROM: usize = 4096;
 /// Most chunks handed to one sendmsg.
 pub const MAX_IOV: usize = 64;
 
@@ -55,14 +58,23 @@ impl OutQueue {
             + self.chunks.capacity() * std::mem::size_of::<Vec<u8>>()
     }
 
-    /// Makes room for `n` more bytes, all or nothing. `spare` offers an empty
-    /// buffer to reuse (the loop's pool) before a new one is allocated.
-    fn reserve(&mut self, n: usize, spare: &mut dyn FnMut() -> Option<Vec<u8>>) -> Result<(), OutOfMemory> {
-        let mut room = self.chunks.back().map_or(0, |t| t.capacity() - t.len());
-        if room >= n {
-            return Ok(());
+    /// Makes room for `n` more bytes, all or nothing, and returns the index
+    /// of the chunk where they start. `spare` offers an empty buffer to
+    /// reuse (the loop's pool) before a new one is allocated.
+    fn reserve(
+        &mut self,
+        n: usize,
+        spare: &mut dyn FnMut() -> Option<Vec<u8>>,
+    ) -> Result<usize, OutOfMemory> {
+        let tail_room = self.chunks.back().map_or(0, |t| t.capacity() - t.len());
+        if n == 0 {
+            return Ok(self.chunks.len());
+        }
+        if tail_room >= n {
+            return Ok(self.chunks.len() - 1);
         }
         // Grow a small tail first (doubling, up to CHUNK).
+        let mut room = tail_room;
         if let Some(tail) = self.chunks.back_mut() {
             if tail.capacity() < CHUNK {
                 let target = CHUNK.min((tail.capacity() * 2).max(tail.len() + n));
@@ -70,6 +82,7 @@ impl OutQueue {
                 room = tail.capacity() - tail.len();
             }
         }
+        let start = if room > 0 { self.chunks.len() - 1 } else { self.chunks.len() };
         let before = self.chunks.len();
         let mut missing = n.saturating_sub(room);
         while missing > 0 {
@@ -89,14 +102,12 @@ impl OutQueue {
             missing -= want.min(chunk.capacity());
             self.chunks.push_back(chunk);
         }
-        Ok(())
+        Ok(start)
     }
 
-    /// Copies `bytes` into the reserved room, filling chunks in order.
-    fn fill(&mut self, mut bytes: &[u8]) {
-        let first_with_room =
-            self.chunks.iter().position(|c| c.len() < c.capacity()).unwrap_or(self.chunks.len());
-        for c in self.chunks.iter_mut().skip(first_with_room) {
+    /// Copies `bytes` into the room `reserve` made, from chunk `start` on.
+    fn fill(&mut self, start: usize, mut bytes: &[u8]) {
+        for c in self.chunks.iter_mut().skip(start) {
             if bytes.is_empty() {
                 break;
             }
@@ -114,9 +125,15 @@ impl OutQueue {
         spare: &mut dyn FnMut() -> Option<Vec<u8>>,
     ) -> Result<(), OutOfMemory> {
         let n = PREFIX_LEN + payload.len();
-        self.reserve(n, spare)?;
-        self.fill(&frame::prefix(payload.len()));
-        self.fill(payload);
+        let start = self.reserve(n, spare)?;
+        self.fill(start, &frame::prefix(payload.len()));
+        // The prefix may have filled the start chunk exactly.
+        let start = if self.chunks[start].len() == self.chunks[start].capacity() && !payload.is_empty() {
+            start + 1
+        } else {
+            start
+        };
+        self.fill(start, payload);
         self.unsent += n;
         self.frames += 1;
         Ok(())
@@ -129,10 +146,40 @@ impl OutQueue {
         frames: u64,
         spare: &mut dyn FnMut() -> Option<Vec<u8>>,
     ) -> Result<(), OutOfMemory> {
-        self.reserve(bytes.len(), spare)?;
-        self.fill(bytes);
+        let start = self.reserve(bytes.len(), spare)?;
+        self.fill(start, bytes);
         self.unsent += bytes.len();
         self.frames += frames;
+        Ok(())
+    }
+
+    /// Appends another queue (frames a host thread queued): its well-filled
+    /// chunks move here without a copy; small or half-empty ones are copied
+    /// into the tail, so that a trickle of tiny frames does not keep a chunk
+    /// each. On failure returns the bytes of `other` that were not appended
+    /// (the caller then discards the connection's output).
+    pub fn append(
+        &mut self,
+        mut other: OutQueue,
+        spare: &mut dyn FnMut() -> Option<Vec<u8>>,
+    ) -> Result<(), usize> {
+        debug_assert_eq!(other.head_pos, 0, "nothing of a pending queue is written");
+        let mut left = other.unsent;
+        self.frames += other.frames;
+        while let Some(chunk) = other.chunks.pop_front() {
+            let n = chunk.len();
+            if n >= MOVE_FROM && n * 4 >= chunk.capacity() * 3 {
+                if self.chunks.try_reserve(1).is_err() {
+                    return Err(left);
+                }
+                self.chunks.push_back(chunk);
+            } else {
+                let Ok(start) = self.reserve(n, spare) else { return Err(left) };
+                self.fill(start, &chunk);
+            }
+            self.unsent += n;
+            left -= n;
+        }
         Ok(())
     }
 
@@ -290,6 +337,40 @@ mod tests {
         assert_eq!(q.discard(), 70_004 - 10);
         assert!(q.is_empty());
         assert_eq!(q.held(), 0);
+    }
+
+    #[test]
+    fn appended_queues_keep_order_count_and_memory() {
+        let mut q = OutQueue::default();
+        let mut want = Vec::new();
+        let mut sent = 0u64;
+        for round in 0..200usize {
+            // A "host thread" queue: a mix of tiny and large frames.
+            let mut p = OutQueue::default();
+            for k in 0..(round % 7) {
+                let payload: Vec<u8> =
+                    (0..(round * 131 + k * 977) % 40_000).map(|i| (i + round) as u8).collect();
+                p.push_frame(&payload, &mut none).unwrap();
+                frame::encode_into(&mut want, &payload);
+                sent += 1;
+            }
+            q.append(p, &mut none).unwrap();
+            q.push_frame(b"own", &mut none).unwrap();
+            frame::encode_into(&mut want, b"own");
+            sent += 1;
+            let bound = q.unsent() + q.unsent() / 4 + 2 * CHUNK;
+            assert!(q.held() <= bound, "round {round}: held {} for {}", q.held(), q.unsent());
+        }
+        let mut got = Vec::new();
+        let mut counted = 0;
+        while !q.is_empty() {
+            let part = drain_all(&mut q);
+            counted += q.wrote(part.len(), &mut drop);
+            got.extend_from_slice(&part);
+        }
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "bytes in order");
+        assert_eq!(counted, sent);
     }
 
     #[test]

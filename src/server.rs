@@ -9,10 +9,9 @@ use crate::config::Config;
 use crate::conn::{encoded_len, ConnShared, GONE, OPEN};
 use crate::error::{Code, Error, Result};
 use crate::event_loop::{self, Handler, Starter};
-use crate::frame::{self, PREFIX_LEN};
-use crate::outq::OutOfMemory;
+use crate::outq::{OutOfMemory, OutQueue};
 use crate::sys::{self, Interest, Poller, Waker};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -95,123 +94,52 @@ impl Stats {
     }
 }
 
-/// Record kinds in the command blocks.
+/// Command kinds host threads hand to the loop.
 pub const CMD_SEND: u8 = 1;
 pub const CMD_CLOSE: u8 = 2;
 pub const CMD_ABORT: u8 = 3;
-/// kind (1) + connection id (8) + byte length (8) + frames (4)
-pub const CMD_HEADER: usize = 21;
-/// Host commands are written into blocks of this size (a larger frame gets
-/// a block of its own). The loop frees each block as soon as it has applied
-/// it, so a burst of sends is never held twice (in the blocks and in the
-/// connections' queues) for more than one block.
-pub const BLOCK: usize = 64 * 1024;
-
-/// One command record read back from a block.
-pub struct Cmd<'a> {
-    pub kind: u8,
-    pub id: u64,
-    pub frames: u32,
-    /// SEND: the frames, already encoded (prefix + payload each).
-    pub bytes: &'a [u8],
-}
-
-/// Splits a block into its records.
-pub fn records(mut block: &[u8]) -> impl Iterator<Item = Cmd<'_>> {
-    std::iter::from_fn(move || {
-        if block.len() < CMD_HEADER {
-            return None;
-        }
-        let kind = block[0];
-        let id = u64::from_le_bytes(block[1..9].try_into().expect("8 bytes"));
-        let len = u64::from_le_bytes(block[9..17].try_into().expect("8 bytes")) as usize;
-        let frames = u32::from_le_bytes(block[17..21].try_into().expect("4 bytes"));
-        let (bytes, rest) = block[CMD_HEADER..].split_at(len);
-        block = rest;
-        Some(Cmd { kind, id, frames, bytes })
-    })
-}
 
 /// What host threads hand to the loop, under one mutex.
+///
+/// Frames a host thread sends are encoded straight into a per-connection
+/// output queue here (`pending`), in the same chunks the connection's own
+/// queue uses; the loop then moves those chunks into the connection without
+/// copying them. A frame is never held twice, so queued output costs what
+/// it is, whichever thread sent it.
 #[derive(Default)]
 pub struct Inbox {
     /// Every connection the host may name, with its shared half.
     pub registry: IdMap<Arc<ConnShared>>,
-    /// Commands as records [kind][id][len][frames][bytes]. Consecutive sends
-    /// to one connection share one record: its bytes are the encoded frames,
-    /// so they cost what they will cost in the connection's queue.
-    pub blocks: VecDeque<Vec<u8>>,
-    /// The connection and header offset of the last SEND record in the last
-    /// block, while more frames may be appended to it.
-    last_send: Option<(u64, usize)>,
-    /// An applied block kept for reuse.
-    pub spare: Option<Vec<u8>>,
+    /// Commands in call order: (kind, connection id). A connection's SEND
+    /// appears once per batch, where its first frame was sent: the frames are
+    /// in `pending` (no frame can follow a close or abort of the same
+    /// connection: tf_send refuses them).
+    pub cmds: Vec<(u8, u64)>,
+    /// Frames sent by host threads, per connection, not yet applied.
+    pub pending: IdMap<OutQueue>,
     /// Set once by tf_server_stop: when the drain ends.
     pub stop_deadline: Option<Instant>,
 }
 
 impl Inbox {
-    /// The last block, with room for `need` more bytes; allocated fallibly.
-    fn block_with_room(&mut self, need: usize) -> std::result::Result<&mut Vec<u8>, OutOfMemory> {
-        let has_room = self.blocks.back().is_some_and(|b| b.capacity() - b.len() >= need);
-        if !has_room {
-            let cap = need.max(BLOCK);
-            let block = match self.spare.take() {
-                Some(b) if b.capacity() >= cap => b,
-                _ => {
-                    let mut b = Vec::new();
-                    b.try_reserve_exact(cap).map_err(|_| OutOfMemory)?;
-                    b
-                }
-            };
-            self.blocks.try_reserve(1).map_err(|_| OutOfMemory)?;
-            self.blocks.push_back(block);
-            self.last_send = None;
-        }
-        Ok(self.blocks.back_mut().expect("a block was just ensured"))
-    }
-
-    /// Queues one frame for connection `id`, encoded as it will be written.
+    /// Queues one frame for connection `id`; nothing on failure.
     pub fn push_send(&mut self, id: u64, payload: &[u8]) -> std::result::Result<(), OutOfMemory> {
-        let enc = PREFIX_LEN + payload.len();
-        if let (Some((last, at)), Some(block)) = (self.last_send, self.blocks.back_mut()) {
-            if last == id && block.capacity() - block.len() >= enc {
-                block.extend_from_slice(&frame::prefix(payload.len()));
-                block.extend_from_slice(payload);
-                let len = u64::from_le_bytes(block[at + 9..at + 17].try_into().expect("8 bytes"));
-                let frames = u32::from_le_bytes(block[at + 17..at + 21].try_into().expect("4 bytes"));
-                block[at + 9..at + 17].copy_from_slice(&(len + enc as u64).to_le_bytes());
-                block[at + 17..at + 21].copy_from_slice(&(frames + 1).to_le_bytes());
-                return Ok(());
-            }
+        self.cmds.try_reserve(1).map_err(|_| OutOfMemory)?;
+        self.pending.try_reserve(1).map_err(|_| OutOfMemory)?;
+        let q = self.pending.entry(id).or_default();
+        let first = q.is_empty();
+        q.push_frame(payload, &mut || None)?;
+        if first {
+            self.cmds.push((CMD_SEND, id));
         }
-        let block = self.block_with_room(CMD_HEADER + enc)?;
-        let at = block.len();
-        block.push(CMD_SEND);
-        block.extend_from_slice(&id.to_le_bytes());
-        block.extend_from_slice(&(enc as u64).to_le_bytes());
-        block.extend_from_slice(&1u32.to_le_bytes());
-        block.extend_from_slice(&frame::prefix(payload.len()));
-        block.extend_from_slice(payload);
-        self.last_send = Some((id, at));
         Ok(())
     }
 
-    /// Queues a command without bytes (close, abort).
+    /// Queues a command without frames (close, abort).
     pub fn push_cmd(&mut self, kind: u8, id: u64) -> std::result::Result<(), OutOfMemory> {
-        let block = self.block_with_room(CMD_HEADER)?;
-        block.push(kind);
-        block.extend_from_slice(&id.to_le_bytes());
-        block.extend_from_slice(&0u64.to_le_bytes());
-        block.extend_from_slice(&0u32.to_le_bytes());
-        self.last_send = None;
+        self.cmds.try_reserve(1).map_err(|_| OutOfMemory)?;
+        self.cmds.push((kind, id));
         Ok(())
-    }
-
-    /// Hands every queued block to the loop.
-    pub fn take_blocks(&mut self) -> VecDeque<Vec<u8>> {
-        self.last_send = None;
-        std::mem::take(&mut self.blocks)
     }
 }
 

@@ -5,39 +5,33 @@
 
 use super::{EventLoop, Handler, APPLY_CHECK_BYTES, LISTENER};
 use crate::conn::CloseReason;
-use crate::server::{records, BLOCK};
+use crate::server::CMD_SEND;
 use crate::sys::{self, Interest};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 impl<H: Handler> EventLoop<H> {
-    /// Applies what host threads queued, and notices a stop request. Each
-    /// block is freed as soon as it is applied, so frames are never held
-    /// twice (in the blocks and in the queues) for more than one block.
+    /// Applies what host threads queued, and notices a stop request.
     pub(super) fn drain_inbox(&mut self) {
         self.shared.waker.reset();
         self.shared.wake_pending.store(false, Ordering::SeqCst);
-        // Read under the same lock as the take: a stop seen here comes after
-        // every command in the batch, so shutdown begins only once they are applied.
-        let (mut blocks, stop) = {
+        // Taken under the same lock as the stop flag is read: a stop seen
+        // here comes after every command in the batch, so shutdown begins
+        // only once they are applied. The two halves swap with the loop's
+        // own (empty) ones, so their allocations are reused.
+        let stop = {
             let mut inbox = self.shared.lock_inbox();
-            (inbox.take_blocks(), inbox.stop_deadline)
+            std::mem::swap(&mut inbox.cmds, &mut self.cmds);
+            std::mem::swap(&mut inbox.pending, &mut self.pending);
+            inbox.stop_deadline
         };
         let mut give_up_at = stop;
-        let mut spare = None;
         let mut since_check = 0usize;
-        while let Some(mut block) = blocks.pop_front() {
-            {
-                let mut st = self.state.borrow_mut();
-                for cmd in records(&block) {
-                    st.apply(&cmd);
-                }
-            }
-            since_check += block.len();
-            block.clear();
-            if spare.is_none() && block.capacity() == BLOCK {
-                spare = Some(block);
-            }
+        let cmds = std::mem::take(&mut self.cmds);
+        for &(kind, id) in &cmds {
+            let frames = if kind == CMD_SEND { self.pending.remove(&id) } else { None };
+            since_check += frames.as_ref().map_or(0, |q| q.unsent());
+            self.state.borrow_mut().apply(kind, id, frames);
             // A huge batch must not hold a stop past its drain time:
             // what is not applied by then could not be written anyway.
             if since_check >= APPLY_CHECK_BYTES {
@@ -50,12 +44,13 @@ impl<H: Handler> EventLoop<H> {
                 }
             }
         }
-        if spare.is_some() {
-            let mut inbox = self.shared.lock_inbox();
-            if inbox.spare.is_none() {
-                inbox.spare = spare;
-            }
+        // Left over only when a stop's drain time ran out: release what
+        // those frames reserved (they will not be written).
+        for (id, q) in self.pending.drain() {
+            self.state.borrow_mut().apply(CMD_SEND, id, Some(q));
         }
+        self.cmds = cmds;
+        self.cmds.clear();
         if let (Some(deadline), None) = (stop, self.shutdown_deadline) {
             self.begin_shutdown(deadline);
         }

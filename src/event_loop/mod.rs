@@ -24,7 +24,8 @@ pub use state::State;
 
 use crate::config::LogLevel;
 use crate::conn::CloseReason;
-use crate::server::Shared;
+use crate::outq::OutQueue;
+use crate::server::{IdMap, Shared};
 use crate::sys::{Backend, Event, Poller};
 use log::{Logger, Topic};
 use std::cell::RefCell;
@@ -99,6 +100,9 @@ pub struct EventLoop<H: Handler> {
     handler: H,
     scratch: Vec<u8>,
     events: Vec<Event>,
+    /// The loop's halves of the inbox's double buffers (see drain_inbox).
+    cmds: Vec<(u8, u64)>,
+    pending: IdMap<OutQueue>,
     next_id: u64,
     max_connections: usize,
     max_frame: u32,
@@ -208,10 +212,12 @@ impl<H: Handler> EventLoop<H> {
     fn trim(&mut self) {
         self.trimmed = true;
         self.events = Vec::new();
+        self.cmds = Vec::new();
+        self.pending = IdMap::default();
         {
             let mut inbox = self.shared.lock_inbox();
-            inbox.spare = None;
-            inbox.blocks.shrink_to_fit();
+            inbox.cmds.shrink_to_fit();
+            inbox.pending.shrink_to_fit();
             inbox.registry.shrink_to_fit();
         }
         let mut st = self.state.borrow_mut();

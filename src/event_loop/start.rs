@@ -82,6 +82,8 @@ impl<H: Handler> Starter<H> {
             handler: self.handler,
             scratch: vec![0u8; SCRATCH],
             events: Vec::with_capacity(256),
+            cmds: Vec::new(),
+            pending: Default::default(),
             next_id: 1,
             max_connections: self.max_connections,
             max_frame: self.max_frame,

@@ -6,8 +6,8 @@
 
 use crate::conn::{encoded_len, CloseReason, Conn, Phase, NIL};
 use crate::error::{Error, Result};
-use crate::outq::OutOfMemory;
-use crate::server::{abortable, full_error, out_of_memory, Cmd, IdMap, CMD_ABORT, CMD_CLOSE, CMD_SEND};
+use crate::outq::{OutOfMemory, OutQueue};
+use crate::server::{abortable, full_error, out_of_memory, IdMap, CMD_ABORT, CMD_CLOSE, CMD_SEND};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -323,16 +323,24 @@ impl State {
     }
 
     /// Applies one host command; the host already checked and reserved.
-    pub(super) fn apply(&mut self, cmd: &Cmd<'_>) {
-        let Some(&slot) = self.ids.get(&cmd.id) else { return };
-        let Some(c) = self.get_mut(slot) else { return };
-        match cmd.kind {
-            CMD_SEND if c.is_flushing() => {
+    /// SEND comes with the frames host threads queued for the connection.
+    pub(super) fn apply(&mut self, kind: u8, id: u64, frames: Option<OutQueue>) {
+        let slot = self.ids.get(&id).copied();
+        let Some(c) = slot.and_then(|s| self.get_id(s, id)) else {
+            if let Some(q) = frames {
+                // Gone already: nothing holds the reservation any more.
+                drop(q);
+            }
+            return;
+        };
+        let slot = slot.expect("found above");
+        match (kind, frames) {
+            (CMD_SEND, Some(q)) if c.is_flushing() => {
                 // Accepted before tf_conn_close or stop: still written.
                 let pool = &mut self.pool;
                 let c = self.conns[slot as usize].as_mut().expect("looked up above");
-                if c.out.push_encoded(cmd.bytes, cmd.frames as u64, &mut || pool.pop()).is_err() {
-                    c.shared.release(cmd.bytes.len() as u64);
+                if let Err(lost) = c.out.append(q, &mut || pool.pop()) {
+                    c.shared.release(lost as u64);
                     c.discard_output();
                     c.eof = true;
                     self.mark_closing(slot, CloseReason::Overload);
@@ -340,9 +348,9 @@ impl State {
                     self.mark_dirty(slot);
                 }
             }
-            CMD_SEND => c.shared.release(cmd.bytes.len() as u64),
-            CMD_CLOSE => self.mark_closing(slot, CloseReason::Local),
-            CMD_ABORT => self.abort_slot(slot),
+            (CMD_SEND, Some(q)) => c.shared.release(q.unsent() as u64),
+            (CMD_CLOSE, _) => self.mark_closing(slot, CloseReason::Local),
+            (CMD_ABORT, _) => self.abort_slot(slot),
             _ => {}
         }
     }

@@ -98,8 +98,15 @@ const _: () = {
 };
 
 thread_local! {
-    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    /// A fixed buffer, not a CString: the pointer tf_last_error() returns
+    /// stays valid for the thread's whole life (a later failure rewrites the
+    /// text in place, never frees it), and the buffer has no destructor, so
+    /// it still works from thread-exit destructors.
+    static LAST_ERROR: RefCell<[u8; LAST_ERROR_LEN]> = const { RefCell::new([0; LAST_ERROR_LEN]) };
 }
+
+/// Longest tf_last_error() message, NUL included.
+const LAST_ERROR_LEN: usize = 1024;
 
 static VERSION: Lazy<CString> =
     Lazy::new(|| CString::new(env!("CARGO_PKG_VERSION")).expect("version has no NUL"));
@@ -108,10 +115,17 @@ static VERSION: Lazy<CString> =
 /// the thread-local may already be gone: the message is then dropped (the
 /// code is still returned), never a panic.
 fn set_last_error(message: &str) {
-    let text = CString::new(message.replace('\0', " ")).unwrap_or_default();
     let _ = LAST_ERROR.try_with(|e| {
-        if let Ok(mut slot) = e.try_borrow_mut() {
-            *slot = text;
+        if let Ok(mut buf) = e.try_borrow_mut() {
+            // Truncated at a character boundary; NULs inside become spaces.
+            let mut end = message.len().min(LAST_ERROR_LEN - 1);
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            for (dst, &b) in buf.iter_mut().zip(&message.as_bytes()[..end]) {
+                *dst = if b == 0 { b' ' } else { b };
+            }
+            buf[end] = 0;
         }
     });
 }
@@ -227,17 +241,16 @@ pub(crate) unsafe fn arg_bytes<'a>(p: *const u8, len: usize, what: &str) -> Resu
 /// The message of the last failed call on the calling thread; "" if none.
 ///
 /// **Thread:** any thread; each thread has its own message.
-/// **Ownership:** the library owns the string; it stays valid until the
-/// next failing tcpframe call on the same thread (so read it after the
-/// call that failed, not in the same expression). Never NULL.
+/// **Ownership:** the library owns the string; never free it. Its text
+/// stays until the next failing tcpframe call on the same thread rewrites
+/// it (read it after the call that failed); the pointer itself stays valid
+/// for the thread's whole life. At most 1023 bytes. Never NULL.
 #[no_mangle]
 pub extern "C" fn tf_last_error() -> *const c_char {
     guard_or(c"".as_ptr(), || {
         // The CString's buffer stays put until the next failing call on this
         // thread replaces it; "" once the thread-local is gone.
-        Ok(LAST_ERROR
-            .try_with(|e| e.try_borrow().map(|s| s.as_ptr()).unwrap_or(c"".as_ptr()))
-            .unwrap_or(c"".as_ptr()))
+        Ok(LAST_ERROR.try_with(|e| e.as_ptr() as *const c_char).unwrap_or(c"".as_ptr()))
     })
 }
 
