@@ -191,7 +191,9 @@ typedef struct tf_event {
 
 /**
  * The host's callbacks. All of them run on the server's loop thread, one
- * at a time, never concurrently.
+ * at a time, never concurrently. Callbacks must return normally: a C++
+ * exception or a longjmp out of a callback is undefined behaviour (it
+ * would cross the library's frames); catch inside the callback.
  */
 typedef struct tf_callbacks {
   /**
@@ -518,10 +520,11 @@ int32_t tf_server_stats(const struct tf_server *srv, struct tf_stats *out);
  * thread. When it returns no callback will run again, so user_data may be
  * freed. Idempotent (later calls return TF_OK at once).
  *
- * Returns TF_ERR_INVALID when called from inside one of this server's
- * callbacks (it would deadlock), TF_ERR_STOPPED in a forked child.
+ * Returns TF_ERR_INVALID when called from inside any callback, of this
+ * server or of another one (waiting there for a loop thread could wait for
+ * itself, or for a loop that waits for it); TF_ERR_STOPPED in a forked child.
  *
- * **Thread:** any thread except this server's callbacks.
+ * **Thread:** any thread except inside callbacks (of any server).
  */
 int32_t tf_server_stop(struct tf_server *srv, uint32_t drain_ms);
 

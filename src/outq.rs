@@ -125,6 +125,16 @@ impl OutQueue {
         spare: &mut dyn FnMut() -> Option<Vec<u8>>,
     ) -> Result<(), OutOfMemory> {
         let n = PREFIX_LEN + payload.len();
+        // The common case: the tail has room for the whole frame.
+        if let Some(tail) = self.chunks.back_mut() {
+            if tail.capacity() - tail.len() >= n {
+                tail.extend_from_slice(&frame::prefix(payload.len()));
+                tail.extend_from_slice(payload);
+                self.unsent += n;
+                self.frames += 1;
+                return Ok(());
+            }
+        }
         let start = self.reserve(n, spare)?;
         self.fill(start, &frame::prefix(payload.len()));
         // The prefix may have filled the start chunk exactly.

@@ -19,7 +19,9 @@ pub struct tf_server {
 }
 
 /// The host's callbacks. All of them run on the server's loop thread, one
-/// at a time, never concurrently.
+/// at a time, never concurrently. Callbacks must return normally: a C++
+/// exception or a longjmp out of a callback is undefined behaviour (it
+/// would cross the library's frames); catch inside the callback.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct tf_callbacks {
@@ -271,10 +273,11 @@ pub unsafe extern "C" fn tf_server_stats(srv: *const tf_server, out: *mut tf_sta
 /// thread. When it returns no callback will run again, so user_data may be
 /// freed. Idempotent (later calls return TF_OK at once).
 ///
-/// Returns TF_ERR_INVALID when called from inside one of this server's
-/// callbacks (it would deadlock), TF_ERR_STOPPED in a forked child.
+/// Returns TF_ERR_INVALID when called from inside any callback, of this
+/// server or of another one (waiting there for a loop thread could wait for
+/// itself, or for a loop that waits for it); TF_ERR_STOPPED in a forked child.
 ///
-/// **Thread:** any thread except this server's callbacks.
+/// **Thread:** any thread except inside callbacks (of any server).
 #[no_mangle]
 pub unsafe extern "C" fn tf_server_stop(srv: *mut tf_server, drain_ms: u32) -> i32 {
     guard(|| {
