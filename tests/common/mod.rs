@@ -223,6 +223,8 @@ pub struct Opts {
     pub max_frame: Option<u32>,
     pub idle_ms: Option<u32>,
     pub max_queued: Option<u64>,
+    pub close_timeout_ms: Option<u32>,
+    pub max_buffered: Option<u64>,
     pub echo: bool,
     pub record: bool,
     pub backend: i32,
@@ -236,6 +238,8 @@ impl Default for Opts {
             max_frame: None,
             idle_ms: None,
             max_queued: None,
+            close_timeout_ms: None,
+            max_buffered: None,
             echo: true,
             record: true,
             backend: backend_from_env(),
@@ -273,6 +277,12 @@ pub fn config(o: &Opts) -> *mut tf_config {
         }
         if let Some(n) = o.max_queued {
             assert_eq!(tf_config_set_max_queued_output(cfg, n), TF_OK);
+        }
+        if let Some(n) = o.close_timeout_ms {
+            assert_eq!(tf_config_set_close_timeout_ms(cfg, n), TF_OK);
+        }
+        if let Some(n) = o.max_buffered {
+            assert_eq!(tf_config_set_max_buffered(cfg, n), TF_OK);
         }
         assert_eq!(tf_config_set_backend(cfg, o.backend), TF_OK);
     }
@@ -464,4 +474,201 @@ pub fn cpu_time() -> Duration {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Callbacks written as closures, for tests whose callbacks do more than the
+/// Recorder's fixed behaviours (free or stop a server, abort, sleep on cue).
+/// Every event is also recorded in `rec` (messages only when `record`), once
+/// the closure for it (if any) has returned.
+pub struct Hooks {
+    pub rec: Recorder,
+    pub record: bool,
+    pub on_connect: Option<HookConnect>,
+    pub on_message: Option<HookMessage>,
+    pub on_close: Option<HookClose>,
+}
+
+/// (server, conn) -> 0 to accept, as the C callback.
+pub type HookConnect = Box<dyn Fn(*mut tf_server, u64) -> c_int + Send + Sync>;
+/// (server, conn, payload).
+pub type HookMessage = Box<dyn Fn(*mut tf_server, u64, &[u8]) + Send + Sync>;
+/// (server, conn, reason).
+pub type HookClose = Box<dyn Fn(*mut tf_server, u64, i32) + Send + Sync>;
+
+impl Default for Hooks {
+    fn default() -> Hooks {
+        Hooks { rec: Recorder::empty(), record: true, on_connect: None, on_message: None, on_close: None }
+    }
+}
+
+fn hooks<'a>(user: *mut c_void) -> &'a Hooks {
+    // SAFETY: user_data is the Arc<Hooks> kept by the HookServer (or leaked by
+    // the test), which outlives every callback of the server.
+    unsafe { &*(user as *const Hooks) }
+}
+
+unsafe extern "C" fn hook_connect(user: *mut c_void, conn: u64, peer: *const c_char) -> c_int {
+    let h = hooks(user);
+    // SAFETY: the library passes a NUL-terminated string valid during the call.
+    let peer = unsafe { CStr::from_ptr(peer) }.to_string_lossy().into_owned();
+    let rc = h.on_connect.as_ref().map_or(0, |f| f(h.rec.srv.load(Ordering::SeqCst), conn));
+    if rc == 0 {
+        h.rec.push(Ev::Connect(conn, peer));
+    }
+    rc
+}
+
+unsafe extern "C" fn hook_message(user: *mut c_void, conn: u64, data: *const u8, len: usize) {
+    let h = hooks(user);
+    let payload: &[u8] = if len == 0 {
+        &[]
+    } else {
+        // SAFETY: the library passes `len` readable bytes valid during the call.
+        unsafe { std::slice::from_raw_parts(data, len) }
+    };
+    h.rec.messages.fetch_add(1, Ordering::SeqCst);
+    if let Some(f) = &h.on_message {
+        f(h.rec.srv.load(Ordering::SeqCst), conn, payload);
+    }
+    if h.record {
+        h.rec.push(Ev::Message(conn, payload.to_vec()));
+    } else {
+        h.rec.changed.notify_all();
+    }
+}
+
+unsafe extern "C" fn hook_close(user: *mut c_void, conn: u64, reason: i32) {
+    let h = hooks(user);
+    if let Some(f) = &h.on_close {
+        f(h.rec.srv.load(Ordering::SeqCst), conn, reason);
+    }
+    h.rec.closes.fetch_add(1, Ordering::SeqCst);
+    h.rec.push(Ev::Close(conn, reason));
+}
+
+/// A server whose callbacks are `Hooks`. Dropping it stops and frees the
+/// server unless the test freed it some other way (`disown`).
+pub struct HookServer {
+    pub srv: *mut tf_server,
+    pub hooks: std::sync::Arc<Hooks>,
+    pub port: u16,
+    pub addr: SocketAddr,
+    owned: bool,
+}
+
+// SAFETY: the server handle may be used from any thread (the C contract).
+unsafe impl Send for HookServer {}
+unsafe impl Sync for HookServer {}
+
+impl HookServer {
+    pub fn start(o: Opts, hooks: Hooks) -> HookServer {
+        let hooks = std::sync::Arc::new(hooks);
+        let cb = tf_callbacks {
+            user_data: std::sync::Arc::as_ptr(&hooks) as *mut c_void,
+            on_connect: Some(hook_connect),
+            on_message: Some(hook_message),
+            on_close: Some(hook_close),
+        };
+        let cfg = config(&o);
+        // tf_server_start writes *out before any callback can run: callbacks
+        // read the handle from here.
+        let out = hooks.rec.srv.as_ptr();
+        // SAFETY: cfg, cb and out are live.
+        let rc = unsafe { tf_server_start(cfg, &cb, out) };
+        // SAFETY: cfg came from tf_config_new.
+        unsafe { tf_config_free(cfg) };
+        assert_eq!(rc, TF_OK, "tf_server_start: {}", last_error());
+        let srv = hooks.rec.srv.load(Ordering::SeqCst);
+        // SAFETY: srv is live.
+        let port = unsafe { tf_server_port(srv) };
+        assert_ne!(port, 0);
+        let addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port);
+        HookServer { srv, hooks, port, addr, owned: true }
+    }
+
+    pub fn rec(&self) -> &Recorder {
+        &self.hooks.rec
+    }
+
+    pub fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect_timeout(&self.addr, WAIT).expect("connect");
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.set_write_timeout(Some(WAIT)).unwrap();
+        s.set_nodelay(true).unwrap();
+        s
+    }
+
+    /// Connects and waits for on_connect; returns the stream and its id.
+    pub fn connect_id(&self) -> (TcpStream, u64) {
+        let before = self.rec().connects().len();
+        let s = self.connect();
+        let ids = self.rec().wait_connect(before + 1);
+        (s, ids[before])
+    }
+
+    /// The test frees (or has freed) the server itself: Drop leaves it alone.
+    pub fn disown(&mut self) -> *mut tf_server {
+        self.owned = false;
+        self.srv
+    }
+}
+
+impl Drop for HookServer {
+    fn drop(&mut self) {
+        if self.owned {
+            // SAFETY: srv came from tf_server_start; the hooks outlive it.
+            unsafe {
+                tf_server_stop(self.srv, 0);
+                tf_server_free(self.srv);
+            }
+        }
+    }
+}
+
+/// True once connecting to `addr` is refused (nobody listens), within `within`.
+pub fn refused_within(addr: SocketAddr, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+            _ if Instant::now() >= deadline => return false,
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Connects with a small receive buffer set before the handshake, so that
+/// the kernel absorbs little of what the server queues for a peer that
+/// does not read.
+pub fn connect_small_rcvbuf(addr: SocketAddr, bytes: i32) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = addr else { panic!("IPv4 only") };
+    // SAFETY: plain socket calls on a descriptor this function owns; the
+    // sockaddr_in is fully initialised.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &bytes as *const i32 as *const c_void,
+            std::mem::size_of::<i32>() as u32,
+        );
+        assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        sa.sin_port = v4.port().to_be();
+        sa.sin_addr = libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() };
+        let rc = libc::connect(
+            fd,
+            &sa as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+        let s = TcpStream::from_raw_fd(fd);
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.set_write_timeout(Some(WAIT)).unwrap();
+        s
+    }
 }
