@@ -93,6 +93,8 @@ SIGNATURES = {
     "tf_config_set_max_frame": (_i32, [_p, ctypes.c_uint32]),
     "tf_config_set_idle_timeout_ms": (_i32, [_p, ctypes.c_uint32]),
     "tf_config_set_max_queued_output": (_i32, [_p, ctypes.c_uint64]),
+    "tf_config_set_close_timeout_ms": (_i32, [_p, ctypes.c_uint32]),
+    "tf_config_set_max_buffered": (_i32, [_p, ctypes.c_uint64]),
     "tf_config_set_backend": (_i32, [_p, _i32]),
     "tf_config_set_log": (_i32, [_p, LOG_FN, _p]),
     "tf_server_start": (_i32, [_p, ctypes.POINTER(TfCallbacks), ctypes.POINTER(_p)]),
@@ -106,6 +108,7 @@ SIGNATURES = {
     # data is char* so a `bytes` object is passed by pointer, without a copy.
     "tf_send": (_i32, [_p, tf_conn_id, ctypes.c_char_p, ctypes.c_size_t]),
     "tf_conn_close": (_i32, [_p, tf_conn_id]),
+    "tf_conn_abort": (_i32, [_p, tf_conn_id]),
     "tf_server_stats": (_i32, [_p, ctypes.POINTER(TfStats)]),
     "tf_server_stop": (_i32, [_p, ctypes.c_uint32]),
     "tf_server_free": (None, [_p]),

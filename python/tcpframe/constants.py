@@ -21,6 +21,7 @@ TF_CLOSE_SHUTDOWN = 2
 TF_CLOSE_IO = 3
 TF_CLOSE_TOO_LARGE = 4
 TF_CLOSE_IDLE = 5
+TF_CLOSE_OVERLOAD = 9  # memory for the connection could not be had (max_buffered, allocation)
 
 # Backends
 TF_BACKEND_AUTO = 0
@@ -47,6 +48,7 @@ class CloseReason(IntEnum):
     IO = TF_CLOSE_IO
     TOO_LARGE = TF_CLOSE_TOO_LARGE
     IDLE = TF_CLOSE_IDLE
+    OVERLOAD = TF_CLOSE_OVERLOAD
 
 
 class Backend(IntEnum):

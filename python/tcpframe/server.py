@@ -224,6 +224,8 @@ class _ServerBase:
         max_frame: Optional[int] = None,
         idle_timeout_ms: Optional[int] = None,
         max_queued_output: Optional[int] = None,
+        close_timeout_ms: Optional[int] = None,
+        max_buffered: Optional[int] = None,
         backend: Union[None, str, int] = None,
         log: Union[None, logging.Logger, Callable[[int, str], Any]] = None,
         on_error: Optional[Callable[[BaseException, str, int], Any]] = None,
@@ -247,6 +249,11 @@ class _ServerBase:
         if max_queued_output is not None:
             settings.append(("tf_config_set_max_queued_output",
                              _uint("max_queued_output", max_queued_output, _U64_MAX)))
+        if close_timeout_ms is not None:
+            settings.append(("tf_config_set_close_timeout_ms",
+                             _uint("close_timeout_ms", close_timeout_ms, _U32_MAX)))
+        if max_buffered is not None:
+            settings.append(("tf_config_set_max_buffered", _uint("max_buffered", max_buffered, _U64_MAX)))
         if backend is not None:
             if isinstance(backend, str):
                 try:
@@ -366,8 +373,21 @@ class _ServerBase:
 
     def close(self, conn: int) -> None:
         """Stop reading from `conn`, write what is queued for it, then close it
-        (on_close / CLOSE event with CloseReason.LOCAL follows). Any thread."""
+        (on_close / CLOSE event with CloseReason.LOCAL follows). Any thread.
+        A peer that has not read it all within close_timeout_ms (default 10 s) is
+        reset, still as LOCAL. Raises NoConnError for an unknown or closed id, or one
+        already closing for another reason (too large, idle, I/O error, overload, peer
+        gone: its on_close / CLOSE event carries that reason); StoppedError once stopping."""
         self._call("tf_conn_close", conn)
+
+    def abort(self, conn: int) -> None:
+        """Close `conn` now: what is queued for it is discarded and the socket is reset
+        (the peer sees a connection reset); on_close / CLOSE event with
+        CloseReason.LOCAL follows. Also allowed after close(), to give up on a peer
+        that does not read. Any thread. Raises NoConnError for an unknown id, one whose
+        on_close ran (or whose CLOSE event was produced), or one closing for a reason
+        of its own; StoppedError once stopping."""
+        self._call("tf_conn_abort", conn)
 
     def stats(self) -> Stats:
         out = _lib.TfStats()
@@ -439,8 +459,11 @@ class Server(_ServerBase):
     and the loop goes on; one escaping on_connect refuses that connection.
 
     Configuration: address "host:port" or (host, port) (port 0 picks one, see .port),
-    max_connections, max_frame, idle_timeout_ms, max_queued_output (None: library default),
-    backend "auto" / "poll" / "epoll", log: a logging.Logger or callable(level, message).
+    max_connections, max_frame, idle_timeout_ms, max_queued_output, close_timeout_ms (how
+    long close() waits for queued output before a reset), max_buffered (budget for partial
+    inbound frames of all connections together; over it, the connection holding the most
+    is closed with CloseReason.OVERLOAD) (None: library default), backend "auto" / "poll" /
+    "epoll", log: a logging.Logger or callable(level, message).
     The server starts in the constructor; use it as a context manager or call stop()/free().
     """
 
@@ -456,6 +479,8 @@ class Server(_ServerBase):
         max_frame: Optional[int] = None,
         idle_timeout_ms: Optional[int] = None,
         max_queued_output: Optional[int] = None,
+        close_timeout_ms: Optional[int] = None,
+        max_buffered: Optional[int] = None,
         backend: Union[None, str, int] = None,
         log: Union[None, logging.Logger, Callable[[int, str], Any]] = None,
     ):
@@ -466,6 +491,7 @@ class Server(_ServerBase):
                 raise InvalidError(C.TF_ERR_INVALID, f"{name} must be callable or None")
         super().__init__(address, max_connections=max_connections, max_frame=max_frame,
                          idle_timeout_ms=idle_timeout_ms, max_queued_output=max_queued_output,
+                         close_timeout_ms=close_timeout_ms, max_buffered=max_buffered,
                          backend=backend, log=log, on_error=on_error)
         cbs = _lib.TfCallbacks()
         cbs.on_message = self._keep_fn(_lib.ON_MESSAGE(self._message_thunk(on_message)))
@@ -522,8 +548,10 @@ class PullServer(_ServerBase):
 
     Events of one connection arrive CONNECT, MESSAGE..., CLOSE. `fd` is readable
     (level-triggered) while events wait. Poll from one thread (or one asyncio task) at a
-    time; calls are serialized by a lock. Same configuration keywords as Server; `log`
-    is the only callback and may run on the library's thread.
+    time; calls are serialized by a lock, and poll(timeout_ms=0) never waits for it: while
+    another thread is inside poll() it returns [] at once, as tf_server_poll does. Same
+    configuration keywords as Server; `log` is the only callback and may run on the
+    library's thread.
     """
 
     def __init__(self, address: Address = "127.0.0.1:0", **config: Any):
@@ -557,7 +585,9 @@ class PullServer(_ServerBase):
     def poll(self, max: int = 64, timeout_ms: int = 0) -> List[Event]:  # noqa: A002 - API name
         """Up to `max` events, waiting up to timeout_ms (0: no wait, -1: until one comes).
         The GIL is released while waiting. Payloads are copied out at once (the library's
-        pointers die at the next poll). Raises StoppedError once stopped and drained."""
+        pointers die at the next poll). With timeout_ms=0 it never waits, not even for
+        another thread's poll in progress: it then returns [] (like tf_server_poll).
+        Raises StoppedError once stopped and drained."""
         max = _uint("max", max, 1 << 20, 1)  # noqa: A001
         if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or not -1 <= timeout_ms <= _I32_MAX:
             raise InvalidError(C.TF_ERR_INVALID, f"timeout_ms must be -1 or an int >= 0, not {timeout_ms!r}")
@@ -568,15 +598,19 @@ class PullServer(_ServerBase):
                     return batch
         deadline = time.monotonic() + timeout_ms / 1000.0
         while True:
-            batch = self._poll_once(max, min(timeout_ms, self._SLICE_MS))
+            batch = self._poll_once(max, min(timeout_ms, self._SLICE_MS), wait_turn=timeout_ms != 0)
             if batch or timeout_ms == 0:
                 return batch
             timeout_ms = int((deadline - time.monotonic()) * 1000.0 + 0.999)
             if timeout_ms <= 0:
                 return batch
 
-    def _poll_once(self, max: int, timeout_ms: int) -> List[Event]:  # noqa: A002
-        with self._poll_lock:
+    def _poll_once(self, max: int, timeout_ms: int, wait_turn: bool = True) -> List[Event]:  # noqa: A002
+        # The lock keeps one tf_server_poll (and the copy of its data) at a time: another
+        # thread's poll would invalidate the pointers we are copying from.
+        if not self._poll_lock.acquire(blocking=wait_turn):
+            return []  # another thread is polling; timeout 0 means no wait at all
+        try:
             if self._array is None or len(self._array) < max:
                 self._array = (_lib.TfEvent * max)()
             arr = self._array
@@ -590,6 +624,8 @@ class PullServer(_ServerBase):
                 return [self._copy(arr[i]) for i in range(min(count.value, max))]
             finally:
                 self._h.exit()  # type: ignore[union-attr]
+        finally:
+            self._poll_lock.release()
 
     @staticmethod
     def _copy(ev: "_lib.TfEvent") -> Event:
@@ -606,10 +642,13 @@ class PullServer(_ServerBase):
     def events(self, timeout_ms: int = -1, max: int = 64) -> Iterator[Event]:  # noqa: A002
         """Yield events as they come. Ends when a wait of timeout_ms passes with no event
         (never, for -1), or once the server is stopped and its last events were yielded."""
+        max = _uint("max", max, 1 << 20, 1)  # noqa: A001
         while True:
             stopped = self._stopped
             try:
-                batch = self.poll(max, 0 if stopped else timeout_ms)
+                # Once stopped, drain: wait for our turn rather than take another
+                # thread's poll in progress for "no events left".
+                batch = self._poll_once(max, 0) if stopped else self.poll(max, timeout_ms)
             except StoppedError:
                 return
             if batch:
@@ -624,12 +663,13 @@ class PullServer(_ServerBase):
         """`async for ev in server.aevents()`: waits with loop.add_reader(server.fd) and
         never blocks the event loop. Ends once the server is stopped and drained.
         One consumer at a time (add_reader keeps one callback per fd)."""
+        max = _uint("max", max, 1 << 20, 1)  # noqa: A001
         loop = asyncio.get_running_loop()
         fd = self.fd
         while True:
             stopped = self._stopped
             try:
-                batch = self.poll(max, 0)
+                batch = self._poll_once(max, 0)
             except StoppedError:
                 return
             if batch:

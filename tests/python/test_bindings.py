@@ -24,6 +24,7 @@ API_FUNCTIONS = {
     "tf_server_stats": 2, "tf_server_stop": 2, "tf_server_free": 1, "tf_last_error": 0,
     "tf_version": 0, "tf_config_set_backend": 2, "tf_server_start_pull": 2, "tf_server_fd": 1,
     "tf_server_poll": 5, "tf_config_set_log": 3,
+    "tf_conn_abort": 2, "tf_config_set_close_timeout_ms": 2, "tf_config_set_max_buffered": 2,
 }
 
 
@@ -93,7 +94,7 @@ def test_header_constants_match_ours():
     found = dict(re.findall(r"#define\s+(TF_[A-Z_]+)\s+\(?\s*\(?(?:int32_t|int)?\)?\s*(-?\d+)", text))
     found.update(re.findall(r"\b(TF_[A-Z_]+)\s*=\s*(-?\d+)", text))
     ours = {k: v for k, v in vars(C).items() if k.startswith("TF_")}
-    assert len(ours) == 24
+    assert len(ours) == 25
     missing = sorted(set(ours) - set(found))
     assert missing == []
     assert {k: int(found[k]) for k in ours} == ours
