@@ -190,6 +190,22 @@ typedef struct tf_event {
 } tf_event;
 
 /**
+ * One frame of a tf_send_batch() call.
+ */
+typedef struct tf_out {
+  tf_conn_id conn;
+  /**
+   * The payload (NULL is fine when len is 0).
+   */
+  const uint8_t *data;
+  size_t len;
+  /**
+   * Written by tf_send_batch: the TF_* code tf_send would have returned.
+   */
+  int32_t result;
+} tf_out;
+
+/**
  * The host's callbacks. All of them run on the server's loop thread, one
  * at a time, never concurrently. Callbacks must return normally: a C++
  * exception or a longjmp out of a callback is undefined behaviour (it
@@ -271,6 +287,73 @@ const char *tf_last_error(void);
  * **Ownership:** a static string; never free it. Never NULL.
  */
 const char *tf_version(void);
+
+/**
+ * Delivers inbound frames in arrays instead of one on_message call each:
+ * one call carries the frames the loop thread decoded in one pass over the
+ * ready connections (at most 4096 frames or 1 MiB of payload per call;
+ * order per connection kept), as TF_EVENT_MESSAGE events (`reason` 0). With
+ * it set, on_message is never called and may be NULL; on_connect and
+ * on_close are unchanged. A tf_conn_close (or pause) made during the call
+ * applies to the batches after it. No effect in pull mode (tf_server_poll
+ * already returns arrays). NULL turns it off.
+ *
+ * **Thread:** any thread, one at a time per configuration. `on_messages`
+ * runs on the server's loop thread, like every callback, and receives the
+ * `user_data` of tf_callbacks.
+ * **Ownership:** `events` and each event's `data` are valid during the call
+ * only: copy what you keep. `count` is at least 1.
+ */
+int32_t tf_config_set_on_messages(struct tf_config *cfg, void (*on_messages)(void *user_data, const struct tf_event *events, size_t count));
+
+/**
+ * Queues many frames, for many connections, in one call: each entry is
+ * treated exactly as tf_send() would treat it, in order, and its code goes
+ * into its `result`. From a host thread the whole batch takes the
+ * server's lock once.
+ *
+ * Returns TF_OK (look at each `result`); TF_ERR_INVALID for NULL `outs`
+ * with n > 0; TF_ERR_STOPPED once stop has begun, and then no entry was
+ * queued (the results are not written).
+ *
+ * **Thread:** any thread, including inside callbacks.
+ * **Ownership:** every payload is copied before the call returns.
+ */
+int32_t tf_send_batch(struct tf_server *srv, struct tf_out *outs, size_t n);
+
+/**
+ * Copies events (from on_messages or tf_server_poll) into one buffer that a
+ * host can read as bytes: per event, little-endian and unpadded, int32
+ * kind, int32 reason, uint64 conn, uint64 len, then `len` bytes (the
+ * payload, or the peer text without its NUL). One call replaces a field
+ * access per event for hosts whose calls are costly (Python's ctypes).
+ *
+ * Returns TF_OK with `*needed` the bytes written; TF_ERR_FULL when `cap` is
+ * too small (nothing written, `*needed` says how much is needed);
+ * TF_ERR_INVALID for NULL `needed`, NULL `events` with count > 0, or NULL
+ * `out` with cap > 0.
+ *
+ * **Thread:** any thread (it only reads `events`).
+ * **Ownership:** `events` must be valid for the call (inside on_messages,
+ * or before the next tf_server_poll); `out` is the caller's.
+ */
+int32_t tf_events_pack(const struct tf_event *events, size_t count, uint8_t *out, size_t cap, size_t *needed);
+
+/**
+ * Sends frames packed in one buffer, the counterpart of tf_events_pack():
+ * per frame, little-endian and unpadded, uint64 conn, uint64 len, then `len`
+ * payload bytes. Each frame is treated exactly as tf_send() would treat it,
+ * in order; its code goes to `results[i]`; `*count` is the number of frames.
+ *
+ * Returns TF_OK; TF_ERR_INVALID when the buffer does not parse (a record
+ * runs past `len`), when it holds more than `max_results` frames, or for
+ * NULL pointers (`buf` may be NULL when len is 0) — then nothing was
+ * queued; TF_ERR_STOPPED once stop has begun (nothing queued).
+ *
+ * **Thread:** any thread, including inside callbacks.
+ * **Ownership:** payloads are copied before the call returns.
+ */
+int32_t tf_send_packed(struct tf_server *srv, const uint8_t *buf, size_t len, int32_t *results, size_t max_results, size_t *count);
 
 /**
  * A new configuration with every default: address "127.0.0.1:5882",
@@ -436,7 +519,9 @@ int32_t tf_server_poll(struct tf_server *srv, struct tf_event *events, size_t ma
  * the new server, written before any callback can run (a callback may use
  * a handle the host stores from `*out`); on failure `*out` is untouched.
  *
- * `cfg` may be NULL (all defaults). `cb->on_message` is required.
+ * `cfg` may be NULL (all defaults). `cb->on_message` is required unless
+ * the configuration has on_messages (tf_config_set_on_messages()); then it
+ * is never called and may be NULL.
  *
  * **Thread:** any thread. Callbacks then run on the server's own thread.
  * **Ownership:** `cfg` and `*cb` are copied: free them when you like. The

@@ -13,6 +13,7 @@ pub mod event_loop;
 pub mod ffi;
 pub mod frame;
 pub mod outq;
+pub mod proxy;
 pub mod pull;
 pub mod server;
 pub mod sys;

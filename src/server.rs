@@ -216,6 +216,14 @@ impl Shared {
         if inbox.stop_deadline.is_some() {
             return Err(Error::stopped());
         }
+        self.send_locked(&mut inbox, id, payload)?;
+        drop(inbox);
+        self.wake();
+        Ok(())
+    }
+
+    /// One host-thread send, under the inbox lock (stop already checked).
+    fn send_locked(&self, inbox: &mut Inbox, id: u64, payload: &[u8]) -> Result<()> {
         let conn = match inbox.registry.get(&id) {
             Some(c) if c.takes_frames() => c.clone(),
             _ => return Err(Error::no_conn(id)),
@@ -227,8 +235,6 @@ impl Shared {
             conn.release(n);
             return Err(out_of_memory(id, payload.len()));
         }
-        drop(inbox);
-        self.wake();
         Ok(())
     }
 
@@ -283,6 +289,10 @@ impl Shared {
 /// whose peer half-closed; not to one closing for a reason of the loop's own.
 pub fn abortable(c: &ConnShared) -> bool {
     c.close_requested.load(Ordering::Acquire) || c.closing.load(Ordering::Acquire) != GONE
+}
+
+pub fn too_large(len: usize, max_frame: u32) -> Error {
+    Error::new(Code::TooLarge, format!("payload of {len} bytes is longer than max frame ({max_frame} bytes)"))
 }
 
 pub fn out_of_memory(id: u64, len: usize) -> Error {
@@ -386,14 +396,7 @@ impl Server {
         }
         let payload = payload()?;
         if payload.len() > self.shared.max_frame as usize {
-            return Err(Error::new(
-                Code::TooLarge,
-                format!(
-                    "payload of {} bytes is longer than max frame ({} bytes)",
-                    payload.len(),
-                    self.shared.max_frame
-                ),
-            ));
+            return Err(too_large(payload.len(), self.shared.max_frame));
         }
         #[cfg(feature = "fault-injection")]
         if payload == PANIC_PAYLOAD {
@@ -403,6 +406,56 @@ impl Server {
             Some(r) => r,
             None => self.shared.send_from_host(id, payload),
         }
+    }
+
+    /// Ok while calls may still queue frames: the right process, no stop.
+    pub fn check_live(&self) -> Result<()> {
+        self.check_process()?;
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(Error::stopped());
+        }
+        Ok(())
+    }
+
+    /// tf_send_batch: each entry as tf_send would treat it, in order; one
+    /// code per entry. Err (and nothing queued) once stop has begun.
+    pub fn send_batch(&self, entries: &[(u64, Result<&[u8]>)]) -> Result<Vec<i32>> {
+        self.check_live()?;
+        let max_frame = self.shared.max_frame;
+        let check = |p: &Result<&[u8]>| -> Result<()> {
+            let p = p.as_ref().map_err(Clone::clone)?;
+            if p.len() > max_frame as usize {
+                return Err(too_large(p.len(), max_frame));
+            }
+            Ok(())
+        };
+        let code = |r: Result<()>| r.map_or_else(|e| e.code as i32, |()| 0);
+        let mut codes = Vec::new();
+        codes
+            .try_reserve_exact(entries.len())
+            .map_err(|_| Error::new(Code::Full, "no memory for the batch"))?;
+        let local = event_loop::with_state(&self.shared, |st| {
+            for (id, p) in entries {
+                codes.push(code(check(p).and_then(|()| st.send(*id, p.as_ref().expect("checked")))));
+            }
+        });
+        if local.is_some() {
+            return Ok(codes);
+        }
+        let mut inbox = self.shared.lock_inbox();
+        if inbox.stop_deadline.is_some() {
+            return Err(Error::stopped());
+        }
+        for (id, p) in entries {
+            let r = check(p)
+                .and_then(|()| self.shared.send_locked(&mut inbox, *id, p.as_ref().expect("checked")));
+            codes.push(code(r));
+        }
+        drop(inbox);
+        if codes.contains(&0) {
+            self.shared.wake();
+        }
+        Ok(codes)
     }
 
     pub fn close(&self, id: u64) -> Result<()> {

@@ -25,6 +25,12 @@ thread_local! {
 // Thread-locals are reached with try_with: from a thread-exit destructor
 // they may already be gone, and then this is simply not a loop thread.
 
+/// Runs `f` on this server's loop state when called from inside one of its
+/// callbacks (no lock, no system call); None on any other thread.
+pub fn with_state<R>(shared: &Shared, f: impl FnOnce(&mut State) -> R) -> Option<R> {
+    with_local(shared, f)
+}
+
 fn with_local<R>(shared: &Shared, f: impl FnOnce(&mut State) -> R) -> Option<R> {
     CURRENT
         .try_with(|cur| {

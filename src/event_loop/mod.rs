@@ -18,7 +18,7 @@ mod start;
 mod state;
 mod write;
 
-pub use local::{current_loop, local_abort, local_close, local_send, on_any_loop_thread};
+pub use local::{current_loop, local_abort, local_close, local_send, on_any_loop_thread, with_state};
 pub use start::Starter;
 pub use state::State;
 
@@ -77,6 +77,12 @@ pub trait Handler {
     /// False while the consumer cannot take more (reading pauses).
     fn wants_input(&mut self) -> bool {
         true
+    }
+    /// Called once per iteration after every ready connection was read:
+    /// frames held for batched delivery go out now (`deliver` false: stop
+    /// has begun or the server was freed, so they are dropped).
+    fn end_of_reads(&mut self, deliver: bool) {
+        let _ = deliver;
     }
     /// Called once per loop iteration, before the loop sleeps; `paused`
     /// says that some connection is not read because wants_input said no.
@@ -168,6 +174,9 @@ impl<H: Handler> EventLoop<H> {
                 }
             }
             self.events = events;
+            let deliver =
+                !self.shared.stopping.load(Ordering::Acquire) && !self.shared.silent.load(Ordering::Acquire);
+            self.handler.end_of_reads(deliver);
             if accept {
                 self.guarded(None, |lp| lp.accept_burst(now));
             }

@@ -277,7 +277,7 @@ impl State {
     }
 
     /// tf_send on the loop thread: checked and queued synchronously.
-    pub(super) fn send(&mut self, id: u64, payload: &[u8]) -> Result<()> {
+    pub fn send(&mut self, id: u64, payload: &[u8]) -> Result<()> {
         let slot = match self.current {
             (cur, slot) if cur == id => slot,
             _ => *self.ids.get(&id).ok_or_else(|| Error::no_conn(id))?,

@@ -12,10 +12,12 @@
 // tf_server / tf_config: one this library returned and that is not freed).
 #![allow(clippy::missing_safety_doc)]
 
+mod batch;
 mod config;
 mod pull;
 mod server;
 
+pub use batch::*;
 pub use config::*;
 pub use pull::*;
 pub use server::*;

@@ -66,6 +66,8 @@ pub struct tf_stats {
 struct Callbacks {
     cb: tf_callbacks,
     peer: Vec<u8>,
+    /// Set: frames are held in `batch` and delivered in arrays.
+    batch: Option<super::batch::Batch>,
 }
 
 // SAFETY: tf_server_start's contract: the callbacks and user_data may be
@@ -84,6 +86,9 @@ impl Handler for Callbacks {
     }
 
     fn on_message(&mut self, conn: u64, data: &[u8]) -> bool {
+        if let Some(batch) = &mut self.batch {
+            return batch.hold(self.cb.user_data, conn, data);
+        }
         if let Some(f) = self.cb.on_message {
             let ptr = if data.is_empty() { std::ptr::null() } else { data.as_ptr() };
             // SAFETY: the host's function, with `len` readable bytes at `ptr`
@@ -91,6 +96,12 @@ impl Handler for Callbacks {
             unsafe { f(self.cb.user_data, conn, ptr, data.len()) }
         }
         true
+    }
+
+    fn end_of_reads(&mut self, deliver: bool) {
+        if let Some(batch) = &mut self.batch {
+            batch.deliver(self.cb.user_data, deliver);
+        }
     }
 
     fn on_close(&mut self, conn: u64, reason: CloseReason) {
@@ -117,7 +128,9 @@ pub(crate) unsafe fn config_or_default(cfg: *const tf_config) -> Config {
 /// the new server, written before any callback can run (a callback may use
 /// a handle the host stores from `*out`); on failure `*out` is untouched.
 ///
-/// `cfg` may be NULL (all defaults). `cb->on_message` is required.
+/// `cfg` may be NULL (all defaults). `cb->on_message` is required unless
+/// the configuration has on_messages (tf_config_set_on_messages()); then it
+/// is never called and may be NULL.
 ///
 /// **Thread:** any thread. Callbacks then run on the server's own thread.
 /// **Ownership:** `cfg` and `*cb` are copied: free them when you like. The
@@ -133,12 +146,17 @@ pub unsafe extern "C" fn tf_server_start(
         // SAFETY: `cb` is NULL or a live tf_callbacks; `out` NULL or writable.
         let cb = unsafe { arg_ref(cb, "cb")? };
         let out = super::arg_out(out, "out")?;
-        if cb.on_message.is_none() {
-            return Err(Error::invalid("cb->on_message is NULL: it is required"));
-        }
         // SAFETY: `cfg` is NULL or a live tf_config (this function's contract).
+        let on_messages = unsafe { cfg.as_ref() }.and_then(|c| c.on_messages);
+        if cb.on_message.is_none() && on_messages.is_none() {
+            return Err(Error::invalid(
+                "cb->on_message is NULL and no on_messages was set (tf_config_set_on_messages): one is required",
+            ));
+        }
+        // SAFETY: as above.
         let config = unsafe { config_or_default(cfg) };
-        let inner = Server::start(&config, Callbacks { cb: *cb, peer: Vec::new() })?;
+        let batch = on_messages.map(super::batch::Batch::new);
+        let inner = Server::start(&config, Callbacks { cb: *cb, peer: Vec::new(), batch })?;
         let srv = Box::into_raw(Box::new(tf_server { inner, pull: None }));
         // SAFETY: `out` is non-NULL and writable.
         unsafe { out.write(srv) };
