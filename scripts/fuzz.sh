@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../fuzz"
 secs=${1:-30}
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
 export RUSTC_BOOTSTRAP=1
-for target in decoder conn_output; do
+for target in decoder conn_output proxy; do
   mkdir -p "corpus/$target"
   cargo fuzz build -O "$target" 2>&1 | grep -v "^ *Compiling" || true
   echo "== fuzz $target for ${secs} s"
