@@ -97,6 +97,12 @@
 #define TF_CLOSE_IDLE 5
 
 /**
+ * on_close reason: queued output stayed above the slow-consumer limit too
+ * long (tf_config_set_slow_consumer()).
+ */
+#define TF_CLOSE_SLOW 8
+
+/**
  * on_close reason: memory for this connection could not be had: the
  * partial-frame budget (tf_config_set_max_buffered()) was full and it held
  * the most, or an allocation failed.
@@ -143,6 +149,12 @@
  * tf_event.kind: the connection ended; `reason` is a TF_CLOSE_* value.
  */
 #define TF_EVENT_CLOSE 3
+
+/**
+ * tf_event.kind: a connection that got TF_ERR_FULL has room again (only
+ * with tf_config_set_on_writable() set; reason 0, no data).
+ */
+#define TF_EVENT_WRITABLE 4
 
 /**
  * Opaque configuration builder. Create with tf_config_new(), change with
@@ -204,6 +216,55 @@ typedef struct tf_out {
    */
   int32_t result;
 } tf_out;
+
+/**
+ * One piece of a tf_sendv() payload.
+ */
+typedef struct tf_iovec {
+  const uint8_t *base;
+  size_t len;
+} tf_iovec;
+
+/**
+ * What tf_conn_get_info() reports about one connection.
+ */
+typedef struct tf_conn_info {
+  /**
+   * The text on_connect got, NUL-terminated (cut to 127 bytes).
+   */
+  char peer[128];
+  /**
+   * Prefixes included, as in tf_stats.
+   */
+  uint64_t bytes_received;
+  uint64_t bytes_sent;
+  uint64_t frames_received;
+  uint64_t frames_sent;
+  /**
+   * Bytes accepted by tf_send* and not yet written.
+   */
+  uint64_t queued_output;
+  /**
+   * Since it was accepted (or since tf_connect).
+   */
+  uint64_t age_ms;
+  /**
+   * 1 for a tf_connect connection.
+   */
+  int32_t outbound;
+  /**
+   * 1 between tf_conn_pause and tf_conn_resume.
+   */
+  int32_t paused;
+  /**
+   * Index of its loop thread, 0..n-1.
+   */
+  uint32_t thread;
+  /**
+   * 0.
+   */
+  uint32_t reserved;
+} tf_conn_info;
 
 /**
  * The host's callbacks. All of them run on the server's loop thread, one
@@ -467,6 +528,123 @@ int32_t tf_config_set_backend(struct tf_config *cfg, int32_t backend);
  * passed back untouched and must stay valid until the server is stopped.
  */
 int32_t tf_config_set_log(struct tf_config *cfg, void (*log)(void *user_data, int32_t level, const char *msg), void *user_data);
+
+/**
+ * Attaches the host's pointer to `conn` (NULL clears it). The library
+ * never uses or frees it. It stays readable with tf_conn_user_data() until
+ * on_close for that connection has returned (so on_close can free it; in
+ * pull mode, until the tf_server_poll() after the one that returned its
+ * CLOSE event); then the connection is unknown. If on_connect sets it and
+ * then refuses the connection, no on_close follows: free it there.
+ *
+ * Returns TF_OK; TF_ERR_NO_CONN for an unknown connection or one whose
+ * on_close has returned; TF_ERR_INVALID for NULL `srv`. Works while the
+ * server stops (on_close(TF_CLOSE_SHUTDOWN) may clear it).
+ *
+ * **Thread:** any thread, on_connect included; without a lock inside a
+ * callback of the connection's own loop thread.
+ * **Ownership:** `ptr` stays the host's.
+ */
+int32_t tf_conn_set_user_data(struct tf_server *srv, tf_conn_id conn, void *ptr);
+
+/**
+ * The pointer set with tf_conn_set_user_data(); NULL when unset, or for an
+ * unknown connection (or NULL `srv`).
+ *
+ * **Thread:** any thread; without a lock and without a system call inside
+ * a callback of the connection's own loop thread (on_message, on_close...).
+ * **Ownership:** the pointer is the host's.
+ */
+void *tf_conn_user_data(const struct tf_server *srv, tf_conn_id conn);
+
+/**
+ * Stops reading from `conn`: the peer is slowed by TCP. Called inside a
+ * callback of the connection's loop thread, no further on_message for it
+ * runs after the call, not even for frames already read; from another
+ * thread, within one loop iteration. Writing to it goes on as usual. Its
+ * idle timeout does not run while paused, and a peer that leaves may be
+ * noticed only at resume or stop. Idempotent (no nesting count).
+ *
+ * Returns TF_OK; TF_ERR_NO_CONN for an unknown or closed connection;
+ * TF_ERR_STOPPED once stop has begun.
+ *
+ * **Thread:** any thread, including inside callbacks.
+ */
+int32_t tf_conn_pause(struct tf_server *srv, tf_conn_id conn);
+
+/**
+ * Ends a tf_conn_pause(): what was held back is delivered first, in order,
+ * then the connection is read again. Idempotent. Codes as tf_conn_pause().
+ *
+ * **Thread:** any thread, including inside callbacks.
+ */
+int32_t tf_conn_resume(struct tf_server *srv, tf_conn_id conn);
+
+/**
+ * Queues one frame whose payload is the pieces joined (a header and a
+ * body in different buffers, say), copied once. Same rules and codes as
+ * tf_send(); iovcnt 0 is an empty frame; NULL `iov` with iovcnt > 0, or a
+ * NULL `base` with a non-zero len, is TF_ERR_INVALID.
+ *
+ * **Thread:** any thread, including inside callbacks.
+ * **Ownership:** the pieces are copied before the call returns.
+ */
+int32_t tf_sendv(struct tf_server *srv, tf_conn_id conn, const struct tf_iovec *iov, size_t iovcnt);
+
+/**
+ * Queues the same frame for each connection of `conns` (fan-out; an id
+ * listed twice gets it twice). The payload is copied once and shared by
+ * every queue it goes to (for payloads of 512 bytes or more). Entries that
+ * are unknown, closed or full are skipped (a full one counts as a
+ * TF_ERR_FULL for on_writable); `*queued` (may be NULL) says how many
+ * entries took it.
+ *
+ * Returns TF_OK even when some were skipped; TF_ERR_STOPPED once stop has
+ * begun; n = 0 is TF_OK whatever `conns` is; TF_ERR_INVALID for NULL
+ * `conns` with n > 0 or NULL `data` with len > 0; TF_ERR_TOO_LARGE when len
+ * passes max frame.
+ *
+ * **Thread:** any thread, including inside callbacks (one lock for the
+ * whole call from a host thread).
+ * **Ownership:** `data` and `conns` are read during the call only.
+ */
+int32_t tf_send_many(struct tf_server *srv, const tf_conn_id *conns, size_t n, const uint8_t *data, size_t len, size_t *queued);
+
+/**
+ * Asks to be told when a full queue has room again: after a tf_send* to
+ * `conn` returned TF_ERR_FULL, `on_writable(conn)` is called once, on the
+ * loop thread, when that connection's queued output (prefixes included)
+ * has fallen to half of max queued output or less (not if it closes
+ * first). In pull mode, setting it (non-NULL) turns these notifications on
+ * as TF_EVENT_WRITABLE events (reason 0) and the function itself is never
+ * called; without it no such event is delivered. NULL turns it off.
+ *
+ * **Thread:** any thread, one at a time per configuration; `on_writable`
+ * runs on the loop thread and receives the `user_data` of tf_callbacks.
+ */
+int32_t tf_config_set_on_writable(struct tf_config *cfg, void (*on_writable)(void *user_data, tf_conn_id conn));
+
+/**
+ * Redis's soft output limit: a connection whose queued output stays above
+ * `soft_bytes` for `seconds` without a break is closed with TF_CLOSE_SLOW
+ * and its queued output discarded. 0, 0 (the default) turns it off;
+ * `soft_bytes` > 0 with `seconds` 0 is TF_ERR_INVALID.
+ *
+ * **Thread:** any thread, one at a time per configuration.
+ */
+int32_t tf_config_set_slow_consumer(struct tf_config *cfg, uint64_t soft_bytes, uint32_t seconds);
+
+/**
+ * Fills `*out` with what is known about `conn`: its peer, its counters,
+ * its queued output, its age.
+ *
+ * Returns TF_OK; TF_ERR_NO_CONN for an unknown or closed connection;
+ * TF_ERR_INVALID for NULL pointers.
+ *
+ * **Thread:** any thread, including inside callbacks.
+ * **Ownership:** `*out` is the caller's; written only on success.
+ */
+int32_t tf_conn_get_info(const struct tf_server *srv, tf_conn_id conn, struct tf_conn_info *out);
 
 /**
  * Starts a server in pull mode: no callbacks; the host takes events with

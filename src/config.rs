@@ -33,6 +33,11 @@ pub struct Config {
     pub close_timeout_ms: u32,
     /// Budget for partial inbound frames, all connections together.
     pub max_buffered: u64,
+    /// Slow-consumer policy: (soft limit in bytes, seconds); None: off.
+    pub slow_consumer: Option<(u64, u32)>,
+    /// The host wants to learn when a full queue has room again
+    /// (on_writable, or TF_EVENT_WRITABLE in pull mode).
+    pub writable_events: bool,
     /// None: the platform's best (epoll on Linux).
     pub backend: Option<Backend>,
     pub log: Option<LogSink>,
@@ -50,6 +55,8 @@ impl Default for Config {
             max_queued_output: 16 * 1024 * 1024,
             close_timeout_ms: 10_000,
             max_buffered: 1 << 30,
+            slow_consumer: None,
+            writable_events: false,
             backend: None,
             log: None,
         }
@@ -66,6 +73,8 @@ impl fmt::Debug for Config {
             .field("max_queued_output", &self.max_queued_output)
             .field("close_timeout_ms", &self.close_timeout_ms)
             .field("max_buffered", &self.max_buffered)
+            .field("slow_consumer", &self.slow_consumer)
+            .field("writable_events", &self.writable_events)
             .field("backend", &self.backend)
             .field("log", &self.log.is_some())
             .finish()
@@ -124,6 +133,20 @@ impl Config {
             return Err(Error::invalid("max buffered must be at least 1 byte"));
         }
         self.max_buffered = bytes;
+        Ok(())
+    }
+
+    /// (0, 0) turns it off; a soft limit with 0 seconds is refused.
+    pub fn set_slow_consumer(&mut self, soft_bytes: u64, seconds: u32) -> Result<()> {
+        self.slow_consumer = match (soft_bytes, seconds) {
+            (0, 0) => None,
+            (_, 0) => {
+                return Err(Error::invalid(
+                    "slow consumer: a soft limit needs a number of seconds above 0 (0, 0 turns it off)",
+                ))
+            }
+            (soft, secs) => Some((soft, secs)),
+        };
         Ok(())
     }
 

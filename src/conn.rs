@@ -9,8 +9,8 @@ use crate::frame::{Decoder, PREFIX_LEN};
 use crate::outq::{OutOfMemory, OutQueue};
 use crate::sys::Interest;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 /// Why a connection ended; the numeric values are the C API's TF_CLOSE_*.
@@ -23,6 +23,7 @@ pub enum CloseReason {
     Io = 3,
     TooLarge = 4,
     Idle = 5,
+    Slow = 8,
     Overload = 9,
 }
 
@@ -40,16 +41,42 @@ pub const HALF_CLOSED: u8 = 1;
 /// Closing for a reason of the loop's own: takes no more frames.
 pub const GONE: u8 = 2;
 
+/// on_close has been reported (or its pull-mode CLOSE event produced):
+/// every call naming it is TF_ERR_NO_CONN; its user data stays readable
+/// until the callback has returned.
+pub const CLOSED: u8 = 3;
+
 /// The part of a connection that host threads see: whether a close was
-/// requested, where the loop says it stands, and how many output bytes are
-/// queued against the limit.
-#[derive(Debug, Default)]
+/// requested, where the loop says it stands, how many output bytes are
+/// queued against the limit, the host's pointer and the counters of
+/// tf_conn_get_info. Counters are written by the loop thread only.
+#[derive(Debug)]
 pub struct ConnShared {
     pub queued: AtomicU64,
     /// tf_conn_close or tf_conn_abort returned TF_OK for it.
     pub close_requested: AtomicBool,
-    /// OPEN, HALF_CLOSED or GONE; written by the loop only.
+    /// OPEN, HALF_CLOSED, GONE or CLOSED; written by the loop only.
     pub closing: AtomicU8,
+    /// tf_conn_set_user_data's pointer (an address: the library never uses it).
+    pub user_data: AtomicUsize,
+    /// Between tf_conn_pause and tf_conn_resume: no frame is delivered.
+    pub paused: AtomicBool,
+    /// A tf_send* returned TF_ERR_FULL: tell the host once there is room.
+    pub want_writable: AtomicBool,
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub frames_received: AtomicU64,
+    pub frames_sent: AtomicU64,
+    /// The peer text on_connect got; set once, before the host can name it.
+    pub peer: OnceLock<Box<str>>,
+    /// When it was accepted (or, outbound, when tf_connect was called).
+    pub born: Instant,
+}
+
+impl Default for ConnShared {
+    fn default() -> ConnShared {
+        ConnShared::new(Instant::now())
+    }
 }
 
 /// Why a frame could not be queued.
@@ -59,6 +86,28 @@ pub enum QueueError {
 }
 
 impl ConnShared {
+    pub fn new(born: Instant) -> ConnShared {
+        ConnShared {
+            queued: AtomicU64::new(0),
+            close_requested: AtomicBool::new(false),
+            closing: AtomicU8::new(OPEN),
+            user_data: AtomicUsize::new(0),
+            paused: AtomicBool::new(false),
+            want_writable: AtomicBool::new(false),
+            bytes_received: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            frames_received: AtomicU64::new(0),
+            frames_sent: AtomicU64::new(0),
+            peer: OnceLock::new(),
+            born,
+        }
+    }
+
+    /// Known to the host and its on_close not yet reported.
+    pub fn is_live(&self) -> bool {
+        self.closing.load(Ordering::Acquire) != CLOSED
+    }
+
     /// Reserves `n` bytes of the output limit, or refuses without reserving.
     pub fn reserve(&self, n: u64, limit: u64) -> Result<(), QueueError> {
         self.queued
@@ -73,7 +122,7 @@ impl ConnShared {
 
     /// tf_send may still queue frames for it (as far as host threads can tell).
     pub fn takes_frames(&self) -> bool {
-        !self.close_requested.load(Ordering::Acquire) && self.closing.load(Ordering::Acquire) != GONE
+        !self.close_requested.load(Ordering::Acquire) && self.closing.load(Ordering::Acquire) < GONE
     }
 }
 
@@ -109,6 +158,13 @@ pub struct Conn {
     pub eof: bool,
     /// The host's event queue is full (pull mode): not reading for now.
     pub paused: bool,
+    /// tf_conn_pause: not reading, nothing delivered, no idle clock.
+    pub host_paused: bool,
+    /// Bytes read but not delivered because the host paused the connection
+    /// in the middle of a read: delivered first at resume.
+    pub stash: Vec<u8>,
+    /// Since when queued output has been above the slow-consumer limit.
+    pub above_since: Option<Instant>,
     /// A partial write left bytes behind: watch for writability.
     pub want_write: bool,
     /// In the loop's dirty list (to be flushed this iteration).
@@ -131,7 +187,7 @@ impl Conn {
         Conn {
             id,
             fd,
-            shared: Arc::new(ConnShared::default()),
+            shared: Arc::new(ConnShared::new(now)),
             decoder: Decoder::new(max_frame),
             buffered: 0,
             out: OutQueue::default(),
@@ -139,6 +195,9 @@ impl Conn {
             reset: false,
             eof: false,
             paused: false,
+            host_paused: false,
+            stash: Vec::new(),
+            above_since: None,
             want_write: false,
             dirty: false,
             in_closing_list: false,
@@ -283,7 +342,10 @@ impl Conn {
 
     /// What the poller should watch for this connection now.
     pub fn wanted_interest(&self) -> Interest {
-        Interest { read: !self.eof && !self.paused, write: self.want_write && self.has_output() }
+        Interest {
+            read: !self.eof && !self.paused && !self.host_paused,
+            write: self.want_write && self.has_output(),
+        }
     }
 }
 

@@ -93,16 +93,29 @@ impl Decoder {
     /// as soon as its four bytes are known.
     pub fn feed(
         &mut self,
-        mut input: &[u8],
+        input: &[u8],
         on_frame: &mut dyn FnMut(&[u8]) -> Flow,
     ) -> Result<Flow, DecodeError> {
+        self.feed_counted(input, on_frame).map(|(flow, _)| flow)
+    }
+
+    /// `feed`, also returning how many bytes of `input` were used: all of
+    /// them, unless `on_frame` said Stop; then the bytes after the last
+    /// delivered frame were neither delivered nor kept (a caller pausing the
+    /// connection keeps them itself and feeds them again later).
+    pub fn feed_counted(
+        &mut self,
+        mut input: &[u8],
+        on_frame: &mut dyn FnMut(&[u8]) -> Flow,
+    ) -> Result<(Flow, usize), DecodeError> {
+        let given = input.len();
         if !self.partial.is_empty() {
             if self.partial.len() < PREFIX_LEN {
                 let take = (PREFIX_LEN - self.partial.len()).min(input.len());
                 self.keep(&input[..take], PREFIX_LEN)?;
                 input = &input[take..];
                 if self.partial.len() < PREFIX_LEN {
-                    return Ok(Flow::Continue);
+                    return Ok((Flow::Continue, given));
                 }
             }
             let total = PREFIX_LEN + self.check(announced(&self.partial))?;
@@ -110,11 +123,11 @@ impl Decoder {
             self.keep(&input[..take], total)?;
             input = &input[take..];
             if self.partial.len() < total {
-                return Ok(Flow::Continue);
+                return Ok((Flow::Continue, given));
             }
             let frame = std::mem::take(&mut self.partial);
             if on_frame(&frame[PREFIX_LEN..]) == Flow::Stop {
-                return Ok(Flow::Stop);
+                return Ok((Flow::Stop, given - input.len()));
             }
         }
         while input.len() >= PREFIX_LEN {
@@ -125,7 +138,7 @@ impl Decoder {
             let (frame, rest) = input[PREFIX_LEN..].split_at(len);
             input = rest;
             if on_frame(frame) == Flow::Stop {
-                return Ok(Flow::Stop);
+                return Ok((Flow::Stop, given - input.len()));
             }
         }
         if !input.is_empty() {
@@ -136,7 +149,7 @@ impl Decoder {
             };
             self.keep(input, total)?;
         }
-        Ok(Flow::Continue)
+        Ok((Flow::Continue, given))
     }
 
     /// Drops any partial frame and its memory.
@@ -354,6 +367,47 @@ mod tests {
         });
         assert_eq!(r, Ok(Flow::Stop));
         assert_eq!(seen, 2);
+    }
+
+    #[test]
+    fn a_stop_says_where_the_undelivered_bytes_begin() {
+        let frames = sample_frames();
+        let bytes = stream(&frames);
+        for stop_after in 1..=frames.len() {
+            for cut in 0..=bytes.len() {
+                // Stop after `stop_after` frames; feeding the rest again later
+                // must give exactly the remaining frames.
+                let mut d = Decoder::new(1 << 20);
+                let mut got = Vec::new();
+                let mut held = Vec::new();
+                for chunk in [&bytes[..cut], &bytes[cut..]] {
+                    let mut input = chunk.to_vec();
+                    if !held.is_empty() {
+                        held.extend_from_slice(&input);
+                        input = std::mem::take(&mut held);
+                    }
+                    let (flow, used) = d
+                        .feed_counted(&input, &mut |f| {
+                            got.push(f.to_vec());
+                            if got.len() == stop_after {
+                                Flow::Stop
+                            } else {
+                                Flow::Continue
+                            }
+                        })
+                        .unwrap();
+                    if flow == Flow::Stop {
+                        held = input[used..].to_vec();
+                    }
+                }
+                d.feed(&held, &mut |f| {
+                    got.push(f.to_vec());
+                    Flow::Continue
+                })
+                .unwrap();
+                assert_eq!(got, frames, "stop after {stop_after}, cut {cut}");
+            }
+        }
     }
 
     #[test]

@@ -16,4 +16,5 @@ pub mod outq;
 pub mod proxy;
 pub mod pull;
 pub mod server;
+pub mod shared;
 pub mod sys;

@@ -14,6 +14,7 @@
 use crate::frame::{self, Walker, PREFIX_LEN};
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::sync::Arc;
 
 /// Largest chunk. Frames larger than this are split across chunks.
 pub const CHUNK: usize = 32 * 1024;
@@ -29,9 +30,73 @@ pub const MAX_IOV: usize = 64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OutOfMemory;
 
+/// A payload shared by several queues (tf_send_many): held once.
+pub type SharedPayload = Arc<Vec<u8>>;
+
+/// One frame's payload, as a send hands it over.
+#[derive(Clone, Copy)]
+pub enum Frame<'a> {
+    One(&'a [u8]),
+    /// Pieces joined into one payload (tf_sendv), `len` bytes in all.
+    Parts(&'a [&'a [u8]], usize),
+    /// A payload shared with other queues (tf_send_many).
+    Shared(&'a SharedPayload),
+}
+
+impl Frame<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Frame::One(p) => p.len(),
+            Frame::Parts(_, len) => *len,
+            Frame::Shared(p) => p.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A piece of the queue: bytes of its own, or a payload shared with other
+/// connections' queues (tf_send_many), held once whatever the fan-out.
+#[derive(Debug)]
+enum Chunk {
+    Own(Vec<u8>),
+    Shared(SharedPayload),
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Own(v) => v,
+            Chunk::Shared(a) => a,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.bytes().len()
+    }
+
+    /// Bytes that may still be appended to it.
+    fn room(&self) -> usize {
+        match self {
+            Chunk::Own(v) => v.capacity() - v.len(),
+            Chunk::Shared(_) => 0,
+        }
+    }
+
+    /// Heap bytes this chunk holds (a shared payload counts whole).
+    fn held(&self) -> usize {
+        match self {
+            Chunk::Own(v) => v.capacity(),
+            Chunk::Shared(a) => a.len(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct OutQueue {
-    chunks: VecDeque<Vec<u8>>,
+    chunks: VecDeque<Chunk>,
     /// Bytes of the first chunk already written.
     head_pos: usize,
     /// Bytes queued and not yet written.
@@ -54,8 +119,8 @@ impl OutQueue {
 
     /// Heap bytes held by the queue's chunks (for tests and budgets).
     pub fn held(&self) -> usize {
-        self.chunks.iter().map(|c| c.capacity()).sum::<usize>()
-            + self.chunks.capacity() * std::mem::size_of::<Vec<u8>>()
+        self.chunks.iter().map(Chunk::held).sum::<usize>()
+            + self.chunks.capacity() * std::mem::size_of::<Chunk>()
     }
 
     /// Makes room for `n` more bytes, all or nothing, and returns the index
@@ -66,16 +131,16 @@ impl OutQueue {
         n: usize,
         spare: &mut dyn FnMut() -> Option<Vec<u8>>,
     ) -> Result<usize, OutOfMemory> {
-        let tail_room = self.chunks.back().map_or(0, |t| t.capacity() - t.len());
         if n == 0 {
             return Ok(self.chunks.len());
         }
+        let tail_room = self.chunks.back().map_or(0, Chunk::room);
         if tail_room >= n {
             return Ok(self.chunks.len() - 1);
         }
         // Grow a small tail first (doubling, up to CHUNK).
         let mut room = tail_room;
-        if let Some(tail) = self.chunks.back_mut() {
+        if let Some(Chunk::Own(tail)) = self.chunks.back_mut() {
             if tail.capacity() < CHUNK {
                 let target = CHUNK.min((tail.capacity() * 2).max(tail.len() + n));
                 tail.try_reserve_exact(target - tail.len()).map_err(|_| OutOfMemory)?;
@@ -100,7 +165,7 @@ impl OutQueue {
                 }
             };
             missing -= want.min(chunk.capacity());
-            self.chunks.push_back(chunk);
+            self.chunks.push_back(Chunk::Own(chunk));
         }
         Ok(start)
     }
@@ -111,9 +176,11 @@ impl OutQueue {
             if bytes.is_empty() {
                 break;
             }
-            let take = (c.capacity() - c.len()).min(bytes.len());
-            c.extend_from_slice(&bytes[..take]);
-            bytes = &bytes[take..];
+            if let Chunk::Own(v) = c {
+                let take = (v.capacity() - v.len()).min(bytes.len());
+                v.extend_from_slice(&bytes[..take]);
+                bytes = &bytes[take..];
+            }
         }
         debug_assert!(bytes.is_empty(), "reserve made room for every byte");
     }
@@ -126,7 +193,7 @@ impl OutQueue {
     ) -> Result<(), OutOfMemory> {
         let n = PREFIX_LEN + payload.len();
         // The common case: the tail has room for the whole frame.
-        if let Some(tail) = self.chunks.back_mut() {
+        if let Some(Chunk::Own(tail)) = self.chunks.back_mut() {
             if tail.capacity() - tail.len() >= n {
                 tail.extend_from_slice(&frame::prefix(payload.len()));
                 tail.extend_from_slice(payload);
@@ -135,18 +202,63 @@ impl OutQueue {
                 return Ok(());
             }
         }
+        self.push_frame_parts(&[payload], payload.len(), spare)
+    }
+
+    /// Appends one frame whose payload is `parts` joined (`len` bytes in
+    /// all): one copy, no intermediate buffer. Nothing on failure.
+    pub fn push_frame_parts(
+        &mut self,
+        parts: &[&[u8]],
+        len: usize,
+        spare: &mut dyn FnMut() -> Option<Vec<u8>>,
+    ) -> Result<(), OutOfMemory> {
+        let n = PREFIX_LEN + len;
         let start = self.reserve(n, spare)?;
-        self.fill(start, &frame::prefix(payload.len()));
-        // The prefix may have filled the start chunk exactly.
-        let start = if self.chunks[start].len() == self.chunks[start].capacity() && !payload.is_empty() {
-            start + 1
-        } else {
-            start
-        };
-        self.fill(start, payload);
+        self.fill(start, &frame::prefix(len));
+        for part in parts {
+            // `fill` passes over chunks that are already full.
+            self.fill(start, part);
+        }
         self.unsent += n;
         self.frames += 1;
         Ok(())
+    }
+
+    /// Appends one frame whose payload is shared with other queues: only the
+    /// prefix is copied here. Nothing on failure.
+    pub fn push_shared(
+        &mut self,
+        payload: &SharedPayload,
+        spare: &mut dyn FnMut() -> Option<Vec<u8>>,
+    ) -> Result<(), OutOfMemory> {
+        if payload.is_empty() {
+            return self.push_frame(&[], spare);
+        }
+        let before = self.chunks.len();
+        let start = self.reserve(PREFIX_LEN, spare)?;
+        if self.chunks.try_reserve(1).is_err() {
+            self.chunks.truncate(before.max(start));
+            return Err(OutOfMemory);
+        }
+        self.fill(start, &frame::prefix(payload.len()));
+        self.chunks.push_back(Chunk::Shared(payload.clone()));
+        self.unsent += PREFIX_LEN + payload.len();
+        self.frames += 1;
+        Ok(())
+    }
+
+    /// Appends one frame, whatever form its payload has. Nothing on failure.
+    pub fn push(
+        &mut self,
+        frame: Frame<'_>,
+        spare: &mut dyn FnMut() -> Option<Vec<u8>>,
+    ) -> Result<(), OutOfMemory> {
+        match frame {
+            Frame::One(p) => self.push_frame(p, spare),
+            Frame::Parts(parts, len) => self.push_frame_parts(parts, len, spare),
+            Frame::Shared(p) => self.push_shared(p, spare),
+        }
     }
 
     /// Appends frames already encoded (`frames` of them, whole), or nothing.
@@ -164,10 +276,10 @@ impl OutQueue {
     }
 
     /// Appends another queue (frames a host thread queued): its well-filled
-    /// chunks move here without a copy; small or half-empty ones are copied
-    /// into the tail, so that a trickle of tiny frames does not keep a chunk
-    /// each. On failure returns the bytes of `other` that were not appended
-    /// (the caller then discards the connection's output).
+    /// and shared chunks move here without a copy; small or half-empty ones
+    /// are copied into the tail, so that a trickle of tiny frames does not
+    /// keep a chunk each. On failure returns the bytes of `other` that were
+    /// not appended (the caller then discards the connection's output).
     pub fn append(
         &mut self,
         mut other: OutQueue,
@@ -178,14 +290,18 @@ impl OutQueue {
         self.frames += other.frames;
         while let Some(chunk) = other.chunks.pop_front() {
             let n = chunk.len();
-            if n >= MOVE_FROM && n * 4 >= chunk.capacity() * 3 {
+            let moves = match &chunk {
+                Chunk::Shared(_) => true,
+                Chunk::Own(v) => n >= MOVE_FROM && n * 4 >= v.capacity() * 3,
+            };
+            if moves {
                 if self.chunks.try_reserve(1).is_err() {
                     return Err(left);
                 }
                 self.chunks.push_back(chunk);
             } else {
                 let Ok(start) = self.reserve(n, spare) else { return Err(left) };
-                self.fill(start, &chunk);
+                self.fill(start, chunk.bytes());
             }
             self.unsent += n;
             left -= n;
@@ -200,7 +316,7 @@ impl OutQueue {
 
     /// The unsent bytes of the first chunk.
     pub fn first_slice(&self) -> &[u8] {
-        self.chunks.front().map_or(&[], |c| &c[self.head_pos..])
+        self.chunks.front().map_or(&[], |c| &c.bytes()[self.head_pos..])
     }
 
     /// The unsent bytes, as at most MAX_IOV slices for one sendmsg.
@@ -209,13 +325,13 @@ impl OutQueue {
         for (i, c) in self.chunks.iter().enumerate().take(MAX_IOV) {
             let start = if i == 0 { self.head_pos } else { 0 };
             if c.len() > start {
-                out.push(IoSlice::new(&c[start..]));
+                out.push(IoSlice::new(&c.bytes()[start..]));
             }
         }
     }
 
     /// Records that `n` more bytes reached the socket. Returns the frames
-    /// they completed; written chunks go to `recycle` (the loop's pool).
+    /// they completed; written chunks of its own go to `recycle` (the loop's pool).
     pub fn wrote(&mut self, n: usize, recycle: &mut dyn FnMut(Vec<u8>)) -> u64 {
         debug_assert!(n <= self.unsent);
         if n >= self.unsent {
@@ -225,7 +341,9 @@ impl OutQueue {
             self.head_pos = 0;
             self.walker.reset();
             for c in self.chunks.drain(..) {
-                recycle(c);
+                if let Chunk::Own(v) = c {
+                    recycle(v);
+                }
             }
             return frames;
         }
@@ -234,14 +352,15 @@ impl OutQueue {
         let mut frames = 0;
         while left > 0 {
             let Some(c) = self.chunks.front() else { break };
-            let take = (c.len() - self.head_pos).min(left);
-            frames += self.walker.advance(&c[self.head_pos..self.head_pos + take]);
+            let bytes = c.bytes();
+            let take = (bytes.len() - self.head_pos).min(left);
+            frames += self.walker.advance(&bytes[self.head_pos..self.head_pos + take]);
             self.head_pos += take;
             left -= take;
-            if self.head_pos == c.len() {
+            if self.head_pos == bytes.len() {
                 self.head_pos = 0;
-                if let Some(c) = self.chunks.pop_front() {
-                    recycle(c);
+                if let Some(Chunk::Own(v)) = self.chunks.pop_front() {
+                    recycle(v);
                 }
             }
         }
@@ -381,6 +500,38 @@ mod tests {
         assert_eq!(got.len(), want.len());
         assert!(got == want, "bytes in order");
         assert_eq!(counted, sent);
+    }
+
+    #[test]
+    fn gathered_and_shared_frames_come_out_whole_and_in_order() {
+        let mut q = OutQueue::default();
+        let shared: SharedPayload = Arc::new(vec![9u8; 50_000]);
+        let mut want = Vec::new();
+        q.push_frame(b"head", &mut none).unwrap();
+        frame::encode_into(&mut want, b"head");
+        q.push_frame_parts(&[b"ab", b"", &[7u8; 40_000], b"z"], 40_003, &mut none).unwrap();
+        let mut joined = b"ab".to_vec();
+        joined.extend_from_slice(&[7u8; 40_000]);
+        joined.push(b'z');
+        frame::encode_into(&mut want, &joined);
+        q.push_shared(&shared, &mut none).unwrap();
+        frame::encode_into(&mut want, &shared);
+        q.push_frame(b"tail", &mut none).unwrap();
+        frame::encode_into(&mut want, b"tail");
+        q.push_shared(&Arc::new(Vec::new()), &mut none).unwrap();
+        frame::encode_into(&mut want, b"");
+        assert_eq!(q.unsent(), want.len());
+        let mut got = Vec::new();
+        let mut counted = 0;
+        while !q.is_empty() {
+            let part = drain_all(&mut q);
+            let n = part.len().min(7777);
+            got.extend_from_slice(&part[..n]);
+            counted += q.wrote(n, &mut drop);
+        }
+        assert!(got == want);
+        assert_eq!(counted, 5);
+        assert_eq!(Arc::strong_count(&shared), 1, "the shared payload was let go once written");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use crate::conn::CloseReason;
 use crate::error::{Error, Result};
 use crate::event_loop::Handler;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::sys::Waker;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 pub const EVENT_CONNECT: i32 = 1;
 pub const EVENT_MESSAGE: i32 = 2;
 pub const EVENT_CLOSE: i32 = 3;
+pub const EVENT_WRITABLE: i32 = 4;
 
 /// Reading pauses once this many events wait for the host...
 pub const MAX_EVENTS: usize = 4096;
@@ -134,6 +135,15 @@ impl Handler for PullHandler {
         self.push(EVENT_CLOSE, reason as i32, conn, Vec::new(), 0);
     }
 
+    fn on_writable(&mut self, conn: u64) {
+        // Only reached when the host asked for writable events.
+        self.push(EVENT_WRITABLE, 0, conn, Vec::new(), 0);
+    }
+
+    fn forgets_at_close(&self) -> bool {
+        false // PullHost::poll forgets it, one poll after the CLOSE event
+    }
+
     fn wants_input(&mut self) -> bool {
         let within = |e: usize, b: usize| e < MAX_EVENTS && b < MAX_BYTES;
         if within(self.seen_events + self.batch.len(), self.seen_bytes + self.batch_bytes) {
@@ -199,6 +209,14 @@ impl PullHost {
         } else {
             self.last.lock().unwrap_or_else(|p| p.into_inner())
         };
+        // The CLOSE events handed out by the previous poll: their connections'
+        // ids (and user data) are forgotten now, as the contract says.
+        if last.iter().any(|ev| ev.kind == EVENT_CLOSE) {
+            let mut inbox = self.loop_shared.lock_inbox();
+            for ev in last.iter().filter(|ev| ev.kind == EVENT_CLOSE) {
+                inbox.registry.remove(&ev.conn);
+            }
+        }
         last.clear();
         let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
         let mut q = self.queue.lock();

@@ -5,7 +5,7 @@
 #![cfg(feature = "fault-injection")]
 mod common;
 use common::*;
-use tcpframe::server::PANIC_PAYLOAD;
+use tcpframe::shared::PANIC_PAYLOAD;
 
 #[test]
 fn a_panic_inside_tf_send_returns_internal_with_a_message() {

@@ -7,7 +7,7 @@ use super::log::Topic;
 use super::{would_block, EventLoop, Handler, ACCEPTS_PER_WAKE, ACCEPT_BACKOFF, FIRST_CONN, LISTENER};
 use crate::config::LogLevel;
 use crate::conn::Conn;
-use crate::server::{bump, drop_count};
+use crate::shared::{bump, drop_count};
 use crate::sys::{self, Interest};
 use std::fs::File;
 use std::io;
@@ -119,8 +119,9 @@ impl<H: Handler> EventLoop<H> {
             });
             return;
         }
-        self.shared.lock_inbox().registry.insert(id, cshared);
         let peer = a.peer.map_or_else(|| String::from("unknown"), |p| p.to_string());
+        let _ = cshared.peer.set(peer.as_str().into());
+        self.shared.lock_inbox().registry.insert(id, cshared);
         // Counted as active while on_connect runs (stats before callbacks);
         // as accepted once it said yes.
         bump(&self.shared.stats.connections_active, 1);

@@ -6,11 +6,15 @@
 use super::log::Topic;
 use super::{EventLoop, Handler, FIRST_CONN};
 use crate::config::LogLevel;
-use crate::conn::{CloseReason, Conn};
-use crate::server::{bump, drop_count};
+use crate::conn::{CloseReason, Conn, ConnShared, CLOSED};
+use crate::shared::{bump, drop_count};
 use crate::sys;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
+
+/// A connection just closed: its id, the reason reported, its shared half.
+type Closed = (u64, CloseReason, Arc<ConnShared>);
 
 impl<H: Handler> EventLoop<H> {
     pub(super) fn expire_idle(&mut self, now: Instant) {
@@ -56,7 +60,7 @@ impl<H: Handler> EventLoop<H> {
         let force = self.shutdown_deadline.is_some_and(|d| now >= d);
         let list = std::mem::take(&mut self.state.borrow_mut().closing);
         let mut keep = Vec::new();
-        let mut done: Vec<(u64, CloseReason)> = Vec::new();
+        let mut done: Vec<Closed> = Vec::new();
         for slot in list {
             let ready = {
                 let st = self.state.borrow();
@@ -82,7 +86,7 @@ impl<H: Handler> EventLoop<H> {
         self.report_closed(done);
     }
 
-    fn finish(&mut self, slot: u32, mut conn: Conn) -> (u64, CloseReason) {
+    fn finish(&mut self, slot: u32, mut conn: Conn) -> Closed {
         let fd = sys::raw(&conn.fd);
         if conn.registered {
             // Always explicit: if the host forked, a child may still hold the
@@ -100,34 +104,43 @@ impl<H: Handler> EventLoop<H> {
         }
         conn.discard_output();
         let reason = conn.reported_reason(self.shared.stopping.load(Ordering::Acquire));
-        (conn.id, reason) // dropping `conn` closes the descriptor
+        (conn.id, reason, conn.shared.clone()) // dropping `conn` closes the descriptor
     }
 
-    fn report_closed(&mut self, done: Vec<(u64, CloseReason)>) {
+    /// Tells the host. From here every call naming these connections is
+    /// TF_ERR_NO_CONN; their user data stays readable until on_close has
+    /// returned (in pull mode, until the host's next poll after the CLOSE).
+    fn report_closed(&mut self, done: Vec<Closed>) {
         if done.is_empty() {
             return;
         }
-        {
-            let mut inbox = self.shared.lock_inbox();
-            for (id, _) in &done {
-                inbox.registry.remove(id);
-            }
+        for (_, _, shared) in &done {
+            shared.closing.store(CLOSED, Ordering::Release);
         }
         let stats = &self.shared.stats;
         drop_count(&stats.connections_active, done.len() as u64);
-        for &(_, reason) in &done {
+        for &(_, reason, _) in &done {
             match reason {
                 CloseReason::TooLarge => bump(&stats.closed_too_large, 1),
                 CloseReason::Idle => bump(&stats.closed_idle, 1),
                 _ => {}
             }
         }
-        for (id, reason) in done {
+        let ids: Vec<u64> = done.iter().map(|&(id, _, _)| id).collect();
+        self.state.borrow_mut().reporting = done.iter().map(|(id, _, s)| (*id, s.clone())).collect();
+        for (id, reason, _) in done {
             // Re-checked each time: a callback may free the server.
             if self.shared.silent.load(Ordering::Acquire) {
-                return;
+                break;
             }
             self.handler.on_close(id, reason);
+        }
+        self.state.borrow_mut().reporting.clear();
+        if self.handler.forgets_at_close() {
+            let mut inbox = self.shared.lock_inbox();
+            for id in &ids {
+                inbox.registry.remove(id);
+            }
         }
     }
 

@@ -5,7 +5,7 @@
 
 use super::{EventLoop, Handler, APPLY_CHECK_BYTES, LISTENER};
 use crate::conn::CloseReason;
-use crate::server::CMD_SEND;
+use crate::shared::CMD_SEND;
 use crate::sys::{self, Interest};
 use std::sync::atomic::Ordering;
 use std::time::Instant;

@@ -5,7 +5,7 @@
 
 use super::State;
 use crate::error::Result;
-use crate::server::Shared;
+use crate::shared::Shared;
 use std::cell::RefCell;
 use std::rc::Rc;
 

@@ -4,7 +4,7 @@
 
 use super::LOG_PER_SECOND;
 use crate::config::{LogLevel, LogSink};
-use crate::server::Shared;
+use crate::shared::Shared;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

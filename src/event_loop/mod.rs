@@ -11,6 +11,8 @@
 mod accept;
 mod close;
 mod commands;
+mod control;
+mod dispatch;
 mod local;
 mod log;
 mod read;
@@ -20,12 +22,12 @@ mod write;
 
 pub use local::{current_loop, local_abort, local_close, local_send, on_any_loop_thread, with_state};
 pub use start::Starter;
-pub use state::State;
+pub use state::{State, StateConfig};
 
 use crate::config::LogLevel;
 use crate::conn::CloseReason;
 use crate::outq::OutQueue;
-use crate::server::{IdMap, Shared};
+use crate::shared::{IdMap, Shared};
 use crate::sys::{Backend, Event, Poller};
 use log::{Logger, Topic};
 use std::cell::RefCell;
@@ -70,6 +72,15 @@ const LOG_PER_SECOND: u32 = 20;
 pub trait Handler {
     /// Return false to refuse the connection.
     fn on_connect(&mut self, conn: u64, peer: &str) -> bool;
+    /// A connection that got TF_ERR_FULL has room again (half the limit).
+    fn on_writable(&mut self, conn: u64) {
+        let _ = conn;
+    }
+    /// Whether the loop forgets a closed connection's id (and user data) as
+    /// soon as on_close returns; pull mode forgets it at the host's next poll.
+    fn forgets_at_close(&self) -> bool {
+        true
+    }
     /// False when the frame could not be taken for want of memory: the
     /// connection is then closed with TF_CLOSE_OVERLOAD.
     fn on_message(&mut self, conn: u64, data: &[u8]) -> bool;
@@ -174,6 +185,8 @@ impl<H: Handler> EventLoop<H> {
                 }
             }
             self.events = events;
+            // What a pause held back goes to the host before anything newer.
+            self.guarded(None, |lp| lp.deliver_resumed());
             let deliver =
                 !self.shared.stopping.load(Ordering::Acquire) && !self.shared.silent.load(Ordering::Acquire);
             self.handler.end_of_reads(deliver);
@@ -192,6 +205,9 @@ impl<H: Handler> EventLoop<H> {
                     break;
                 }
             }
+            self.notify_writable();
+            self.check_slow(now);
+            self.resync_interest();
             // Connections or the listener waiting for room in the pull queue:
             // the host's next poll that makes room must wake the loop.
             self.handler.end_of_iteration(!self.paused.is_empty() || self.accept_blocked);
@@ -243,7 +259,10 @@ impl<H: Handler> EventLoop<H> {
     /// Queued frames not yet written, or connections ready to be closed.
     fn has_ready_work(&self) -> bool {
         let st = self.state.borrow();
-        !st.dirty.is_empty() || st.closing.iter().any(|&s| st.get(s).is_some_and(|c| c.ready_to_close()))
+        !st.dirty.is_empty()
+            || !st.resumed.is_empty()
+            || !st.resync.is_empty()
+            || st.closing.iter().any(|&s| st.get(s).is_some_and(|c| c.ready_to_close()))
     }
 
     /// Milliseconds until the nearest deadline, rounded up so that a deadline
@@ -268,6 +287,9 @@ impl<H: Handler> EventLoop<H> {
             }
         }
         if let Some(d) = st.next_linger_deadline() {
+            consider(d);
+        }
+        if let Some(d) = st.next_slow_deadline() {
             consider(d);
         }
         match next {

@@ -5,9 +5,9 @@
 
 use super::local::{Link, CURRENT};
 use super::log::{Logger, Topic};
-use super::{EventLoop, Handler, State, SCRATCH};
+use super::{EventLoop, Handler, State, StateConfig, SCRATCH};
 use crate::config::{Config, LogLevel, LogSink};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::sys::{Backend, Poller};
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -39,6 +39,8 @@ impl<H: Handler> Starter<H> {
             max_frame: config.max_frame,
             max_queued_output: config.max_queued_output,
             max_buffered: config.max_buffered,
+            writable_events: config.writable_events,
+            slow_consumer: config.slow_consumer,
             close_timeout: Duration::from_millis(config.close_timeout_ms as u64),
             idle_timeout: (config.idle_timeout_ms > 0)
                 .then(|| Duration::from_millis(config.idle_timeout_ms as u64)),
@@ -59,6 +61,8 @@ pub struct Starter<H: Handler> {
     max_frame: u32,
     max_queued_output: u64,
     max_buffered: u64,
+    writable_events: bool,
+    slow_consumer: Option<(u64, u32)>,
     close_timeout: Duration,
     idle_timeout: Option<Duration>,
     log: Option<LogSink>,
@@ -67,11 +71,13 @@ pub struct Starter<H: Handler> {
 impl<H: Handler> Starter<H> {
     /// Runs the loop on the current thread until the server stops.
     pub fn run(self) {
-        let state = Rc::new(RefCell::new(State::new(
-            self.idle_timeout.is_some(),
-            self.max_queued_output,
-            self.close_timeout,
-        )));
+        let state = Rc::new(RefCell::new(State::new(StateConfig {
+            track_idle: self.idle_timeout.is_some(),
+            max_queued_output: self.max_queued_output,
+            close_timeout: self.close_timeout,
+            track_writable: self.writable_events,
+            slow: self.slow_consumer.map(|(soft, secs)| (soft, Duration::from_secs(secs as u64))),
+        })));
         let mut lp = EventLoop {
             shared: self.shared.clone(),
             state: state.clone(),

@@ -4,12 +4,16 @@
 
 #![forbid(unsafe_code)]
 
-use crate::conn::{encoded_len, CloseReason, Conn, Phase, NIL};
+use crate::conn::{encoded_len, CloseReason, Conn, ConnShared, Phase, NIL};
 use crate::error::{Error, Result};
 use crate::outq::{OutOfMemory, OutQueue};
-use crate::server::{abortable, full_error, out_of_memory, IdMap, CMD_ABORT, CMD_CLOSE, CMD_SEND};
+use crate::shared::{
+    abortable, full_error, out_of_memory, IdMap, CMD_ABORT, CMD_CLOSE, CMD_PAUSE, CMD_RESUME, CMD_SEND,
+    CMD_WATCH,
+};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Output chunks kept for reuse by the whole loop (at most 1 MiB in all).
@@ -18,7 +22,7 @@ const POOL_MAX: usize = (1 << 20) / crate::outq::CHUNK;
 /// The loop's connection table and write side. Borrowed only between
 /// callbacks, by the loop itself or by tf_send/tf_conn_close on its thread.
 pub struct State {
-    conns: Vec<Option<Conn>>,
+    pub(super) conns: Vec<Option<Conn>>,
     free: Vec<u32>,
     pub(super) ids: IdMap<u32>,
     /// Slots with frames queued this iteration.
@@ -31,7 +35,7 @@ pub struct State {
     pub(super) idle_head: u32,
     idle_tail: u32,
     track_idle: bool,
-    max_queued_output: u64,
+    pub(super) max_queued_output: u64,
     /// The connection whose frames are being dispatched (id 0: none), so
     /// that the common reply to the sender skips the id lookup.
     pub(super) current: (u64, u32),
@@ -41,10 +45,34 @@ pub struct State {
     close_timeout: Duration,
     /// Partial-frame bytes held by all connections (the max_buffered budget).
     pub(super) buffered: u64,
+    /// Connections the host resumed this iteration: (slot, id).
+    pub(super) resumed: Vec<(u32, u64)>,
+    /// Connections whose poller interest changed inside a callback.
+    pub(super) resync: Vec<u32>,
+    /// Connections whose on_close is being reported: still readable.
+    pub(super) reporting: Vec<(u64, Arc<ConnShared>)>,
+    /// on_writable / TF_EVENT_WRITABLE wanted by the host.
+    pub(super) track_writable: bool,
+    /// Connections that got TF_ERR_FULL and wait for room: (slot, id).
+    pub(super) writable_watch: Vec<(u32, u64)>,
+    /// Slow-consumer policy: soft limit and how long above it is too long.
+    pub(super) slow: Option<(u64, Duration)>,
+    /// Connections above the soft limit: (slot, id).
+    pub(super) slow_watch: Vec<(u32, u64)>,
+}
+
+/// The limits State enforces, from the configuration.
+pub struct StateConfig {
+    pub track_idle: bool,
+    pub max_queued_output: u64,
+    pub close_timeout: Duration,
+    pub track_writable: bool,
+    pub slow: Option<(u64, Duration)>,
 }
 
 impl State {
-    pub(super) fn new(track_idle: bool, max_queued_output: u64, close_timeout: Duration) -> State {
+    pub(super) fn new(cfg: StateConfig) -> State {
+        let StateConfig { track_idle, max_queued_output, close_timeout, track_writable, slow } = cfg;
         State {
             conns: Vec::new(),
             free: Vec::new(),
@@ -60,6 +88,13 @@ impl State {
             lingering: VecDeque::new(),
             close_timeout,
             buffered: 0,
+            resumed: Vec::new(),
+            resync: Vec::new(),
+            reporting: Vec::new(),
+            track_writable,
+            writable_watch: Vec::new(),
+            slow,
+            slow_watch: Vec::new(),
         }
     }
 
@@ -224,7 +259,7 @@ impl State {
     /// Brings the budget up to date with what `slot`'s decoder now holds.
     pub(super) fn account_buffered(&mut self, slot: u32) {
         let Some(c) = self.get_mut(slot) else { return };
-        let now_held = c.decoder.held_capacity();
+        let now_held = c.decoder.held_capacity() + c.stash.capacity();
         let before = std::mem::replace(&mut c.buffered, now_held);
         self.buffered = self.buffered - before as u64 + now_held as u64;
     }
@@ -242,11 +277,12 @@ impl State {
     pub(super) fn drop_partial(&mut self, slot: u32) {
         if let Some(c) = self.get_mut(slot) {
             c.decoder.clear();
+            c.stash = Vec::new();
         }
         self.account_buffered(slot);
     }
 
-    fn queue_frame(&mut self, slot: u32, payload: &[u8]) -> std::result::Result<(), OutOfMemory> {
+    pub(super) fn queue_frame(&mut self, slot: u32, payload: &[u8]) -> std::result::Result<(), OutOfMemory> {
         let pool = &mut self.pool;
         if let Some(c) = self.conns.get_mut(slot as usize).and_then(|c| c.as_mut()) {
             c.push_frame(payload, &mut || pool.pop())?;
@@ -288,13 +324,17 @@ impl State {
             return Err(Error::no_conn(id));
         }
         let n = encoded_len(payload.len());
-        c.shared.reserve(n, limit).map_err(|_| full_error(id, payload.len(), limit))?;
+        if c.shared.reserve(n, limit).is_err() {
+            self.watch_writable(slot, id);
+            return Err(full_error(id, payload.len(), limit));
+        }
         if self.queue_frame(slot, payload).is_err() {
             if let Some(c) = self.get_mut(slot) {
                 c.shared.release(n);
             }
             return Err(out_of_memory(id, payload.len()));
         }
+        self.note_queued(slot);
         Ok(())
     }
 
@@ -346,11 +386,15 @@ impl State {
                     self.mark_closing(slot, CloseReason::Overload);
                 } else {
                     self.mark_dirty(slot);
+                    self.note_queued(slot);
                 }
             }
             (CMD_SEND, Some(q)) => c.shared.release(q.unsent() as u64),
             (CMD_CLOSE, _) => self.mark_closing(slot, CloseReason::Local),
             (CMD_ABORT, _) => self.abort_slot(slot),
+            (CMD_PAUSE, _) => self.pause_slot(slot),
+            (CMD_RESUME, _) => self.resume_slot(slot),
+            (CMD_WATCH, _) => self.watch_writable(slot, id),
             _ => {}
         }
     }

@@ -2,11 +2,15 @@
 
 #![forbid(unsafe_code)]
 
+use super::log::Topic;
 use super::{is_reset, would_block, EventLoop, Handler};
+use crate::config::LogLevel;
 use crate::conn::CloseReason;
 use crate::outq::MAX_IOV;
-use crate::server::bump;
+use crate::shared::bump;
 use crate::sys;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 impl<H: Handler> EventLoop<H> {
     /// One send per connection with queued frames: the write pass before
@@ -42,9 +46,11 @@ impl<H: Handler> EventLoop<H> {
         match sent {
             Ok(n) => {
                 bump(&stats.bytes_sent, n as u64);
+                bump(&c.shared.bytes_sent, n as u64);
                 let frames = st.wrote(slot, n);
                 bump(&stats.frames_sent, frames);
                 let c = st.conn_mut(slot);
+                bump(&c.shared.frames_sent, frames);
                 c.want_write = c.has_output();
             }
             Err(e) if would_block(&e) => c.want_write = true,
@@ -57,5 +63,29 @@ impl<H: Handler> EventLoop<H> {
         }
         drop(st);
         self.sync_interest(slot);
+    }
+
+    /// on_writable for the connections that got TF_ERR_FULL and now have
+    /// room (queued output at half the limit or less), each once.
+    pub(super) fn notify_writable(&mut self) {
+        let ready = self.state.borrow_mut().take_writable();
+        for id in ready {
+            if self.shared.stopping.load(Ordering::Acquire) || self.shared.silent.load(Ordering::Acquire) {
+                return;
+            }
+            self.handler.on_writable(id);
+        }
+    }
+
+    /// Slow consumers: closed once above the soft limit for too long.
+    pub(super) fn check_slow(&mut self, now: Instant) {
+        let (closed, _) = self.state.borrow_mut().check_slow(now);
+        for id in closed {
+            self.log.log(Topic::Close, LogLevel::Info, || {
+                format!(
+                    "tcpframe: connection {id} closed: queued output stayed above the slow-consumer limit"
+                )
+            });
+        }
     }
 }

@@ -12,6 +12,8 @@ pub struct tf_config {
     pub(crate) inner: Config,
     /// Set by tf_config_set_on_messages: frames in arrays, one call per pass.
     pub(crate) on_messages: Option<super::batch::OnMessagesFn>,
+    /// Set by tf_config_set_on_writable.
+    pub(crate) on_writable: Option<unsafe extern "C" fn(*mut c_void, u64)>,
 }
 
 /// A new configuration with every default: address "127.0.0.1:5882",
@@ -27,7 +29,11 @@ pub struct tf_config {
 #[no_mangle]
 pub extern "C" fn tf_config_new() -> *mut tf_config {
     super::guard_or(std::ptr::null_mut(), || {
-        Ok(Box::into_raw(Box::new(tf_config { inner: Config::default(), on_messages: None })))
+        Ok(Box::into_raw(Box::new(tf_config {
+            inner: Config::default(),
+            on_messages: None,
+            on_writable: None,
+        })))
     })
 }
 

@@ -14,11 +14,13 @@
 
 mod batch;
 mod config;
+mod conn;
 mod pull;
 mod server;
 
 pub use batch::*;
 pub use config::*;
+pub use conn::*;
 pub use pull::*;
 pub use server::*;
 
@@ -59,6 +61,9 @@ pub const TF_CLOSE_IO: i32 = 3;
 pub const TF_CLOSE_TOO_LARGE: i32 = 4;
 /// on_close reason: no complete frame was received within the idle timeout.
 pub const TF_CLOSE_IDLE: i32 = 5;
+/// on_close reason: queued output stayed above the slow-consumer limit too
+/// long (tf_config_set_slow_consumer()).
+pub const TF_CLOSE_SLOW: i32 = 8;
 /// on_close reason: memory for this connection could not be had: the
 /// partial-frame budget (tf_config_set_max_buffered()) was full and it held
 /// the most, or an allocation failed.
@@ -96,6 +101,7 @@ const _: () = {
     assert!(CloseReason::TooLarge as i32 == TF_CLOSE_TOO_LARGE);
     assert!(CloseReason::Idle as i32 == TF_CLOSE_IDLE);
     assert!(CloseReason::Overload as i32 == TF_CLOSE_OVERLOAD);
+    assert!(CloseReason::Slow as i32 == TF_CLOSE_SLOW);
     assert!(LogLevel::Error as i32 == TF_LOG_ERROR && LogLevel::Debug as i32 == TF_LOG_DEBUG);
 };
 

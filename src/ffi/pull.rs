@@ -12,11 +12,15 @@ pub const TF_EVENT_CONNECT: i32 = 1;
 pub const TF_EVENT_MESSAGE: i32 = 2;
 /// tf_event.kind: the connection ended; `reason` is a TF_CLOSE_* value.
 pub const TF_EVENT_CLOSE: i32 = 3;
+/// tf_event.kind: a connection that got TF_ERR_FULL has room again (only
+/// with tf_config_set_on_writable() set; reason 0, no data).
+pub const TF_EVENT_WRITABLE: i32 = 4;
 
 const _: () = {
     assert!(crate::pull::EVENT_CONNECT == TF_EVENT_CONNECT);
     assert!(crate::pull::EVENT_MESSAGE == TF_EVENT_MESSAGE);
     assert!(crate::pull::EVENT_CLOSE == TF_EVENT_CLOSE);
+    assert!(crate::pull::EVENT_WRITABLE == TF_EVENT_WRITABLE);
 };
 
 /// One event of a pull-mode server. Events of one connection come in

@@ -68,6 +68,7 @@ struct Callbacks {
     peer: Vec<u8>,
     /// Set: frames are held in `batch` and delivered in arrays.
     batch: Option<super::batch::Batch>,
+    on_writable: Option<unsafe extern "C" fn(*mut c_void, u64)>,
 }
 
 // SAFETY: tf_server_start's contract: the callbacks and user_data may be
@@ -96,6 +97,13 @@ impl Handler for Callbacks {
             unsafe { f(self.cb.user_data, conn, ptr, data.len()) }
         }
         true
+    }
+
+    fn on_writable(&mut self, conn: u64) {
+        if let Some(f) = self.on_writable {
+            // SAFETY: the host's function, called with plain values.
+            unsafe { f(self.cb.user_data, conn) }
+        }
     }
 
     fn end_of_reads(&mut self, deliver: bool) {
@@ -147,7 +155,8 @@ pub unsafe extern "C" fn tf_server_start(
         let cb = unsafe { arg_ref(cb, "cb")? };
         let out = super::arg_out(out, "out")?;
         // SAFETY: `cfg` is NULL or a live tf_config (this function's contract).
-        let on_messages = unsafe { cfg.as_ref() }.and_then(|c| c.on_messages);
+        let (on_messages, on_writable) =
+            unsafe { cfg.as_ref() }.map_or((None, None), |c| (c.on_messages, c.on_writable));
         if cb.on_message.is_none() && on_messages.is_none() {
             return Err(Error::invalid(
                 "cb->on_message is NULL and no on_messages was set (tf_config_set_on_messages): one is required",
@@ -156,7 +165,7 @@ pub unsafe extern "C" fn tf_server_start(
         // SAFETY: as above.
         let config = unsafe { config_or_default(cfg) };
         let batch = on_messages.map(super::batch::Batch::new);
-        let inner = Server::start(&config, Callbacks { cb: *cb, peer: Vec::new(), batch })?;
+        let inner = Server::start(&config, Callbacks { cb: *cb, peer: Vec::new(), batch, on_writable })?;
         let srv = Box::into_raw(Box::new(tf_server { inner, pull: None }));
         // SAFETY: `out` is non-NULL and writable.
         unsafe { out.write(srv) };

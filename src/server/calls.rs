@@ -1,0 +1,259 @@
+//! The calls host threads make on a running server: sends (one, batched,
+//! gathered, fanned out), close and abort, pause and resume, user data,
+//! connection info, stats. Each takes the no-lock path inside a callback of
+//! the server's own loop thread, and the inbox otherwise.
+
+// Safe Rust only: unsafe code lives in src/ffi/ and src/sys/.
+#![forbid(unsafe_code)]
+
+use super::Server;
+use crate::conn::ConnShared;
+use crate::error::{Code, Error, Result};
+use crate::event_loop;
+use crate::outq::Frame;
+use crate::shared::{too_large, StatsSnapshot};
+use std::sync::atomic::Ordering;
+
+impl Server {
+    pub fn send(&self, id: u64, payload: &[u8]) -> Result<()> {
+        self.send_with(id, || Ok(payload))
+    }
+
+    /// tf_send: the payload is fetched only after the process and stop
+    /// checks, which take precedence over argument errors.
+    pub fn send_with<'a>(&self, id: u64, payload: impl FnOnce() -> Result<&'a [u8]>) -> Result<()> {
+        self.check_process()?;
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(Error::stopped());
+        }
+        let payload = payload()?;
+        if payload.len() > self.shared.max_frame as usize {
+            return Err(too_large(payload.len(), self.shared.max_frame));
+        }
+        #[cfg(feature = "fault-injection")]
+        if payload == crate::shared::PANIC_PAYLOAD {
+            panic!("fault injection: panic inside tf_send");
+        }
+        match event_loop::local_send(&self.shared, id, payload) {
+            Some(r) => r,
+            None => self.shared.send_from_host(id, payload),
+        }
+    }
+
+    /// Ok while calls may still queue frames: the right process, no stop.
+    pub fn check_live(&self) -> Result<()> {
+        self.check_process()?;
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(Error::stopped());
+        }
+        Ok(())
+    }
+
+    /// tf_send_batch: each entry as tf_send would treat it, in order; one
+    /// code per entry. Err (and nothing queued) once stop has begun.
+    pub fn send_batch(&self, entries: &[(u64, Result<&[u8]>)]) -> Result<Vec<i32>> {
+        self.check_live()?;
+        let max_frame = self.shared.max_frame;
+        let check = |p: &Result<&[u8]>| -> Result<()> {
+            let p = p.as_ref().map_err(Clone::clone)?;
+            if p.len() > max_frame as usize {
+                return Err(too_large(p.len(), max_frame));
+            }
+            Ok(())
+        };
+        let code = |r: Result<()>| r.map_or_else(|e| e.code as i32, |()| 0);
+        let mut codes = Vec::new();
+        codes
+            .try_reserve_exact(entries.len())
+            .map_err(|_| Error::new(Code::Full, "no memory for the batch"))?;
+        let local = event_loop::with_state(&self.shared, |st| {
+            for (id, p) in entries {
+                codes.push(code(check(p).and_then(|()| st.send(*id, p.as_ref().expect("checked")))));
+            }
+        });
+        if local.is_some() {
+            return Ok(codes);
+        }
+        let mut inbox = self.shared.lock_inbox();
+        if inbox.stop_deadline.is_some() {
+            return Err(Error::stopped());
+        }
+        for (id, p) in entries {
+            let r = check(p).and_then(|()| {
+                self.shared.send_locked(&mut inbox, *id, Frame::One(p.as_ref().expect("checked")))
+            });
+            codes.push(code(r));
+        }
+        drop(inbox);
+        if codes.contains(&0) {
+            self.shared.wake();
+        }
+        Ok(codes)
+    }
+
+    pub fn close(&self, id: u64) -> Result<()> {
+        self.check_process()?;
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(Error::stopped());
+        }
+        match event_loop::local_close(&self.shared, id) {
+            Some(r) => r,
+            None => self.shared.close_from_host(id),
+        }
+    }
+
+    /// tf_conn_abort: drop what is queued, reset, on_close(LOCAL).
+    pub fn abort(&self, id: u64) -> Result<()> {
+        self.check_process()?;
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(Error::stopped());
+        }
+        match event_loop::local_abort(&self.shared, id) {
+            Some(r) => r,
+            None => self.shared.abort_from_host(id),
+        }
+    }
+
+    pub fn stats(&self) -> Result<StatsSnapshot> {
+        self.check_process()?;
+        Ok(self.shared.stats.snapshot())
+    }
+}
+
+/// What tf_conn_get_info reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnInfo {
+    pub peer: String,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub frames_received: u64,
+    pub frames_sent: u64,
+    pub queued_output: u64,
+    pub age_ms: u64,
+    pub outbound: bool,
+    pub paused: bool,
+    pub thread: u32,
+}
+
+impl Server {
+    /// The shared half of a connection the host may still name: without a
+    /// lock inside a callback of this server, under the inbox lock elsewhere.
+    fn with_conn<R>(&self, id: u64, f: impl FnOnce(&ConnShared) -> R) -> Result<R> {
+        let mut f = Some(f);
+        let local =
+            event_loop::with_state(&self.shared, |st| st.lookup(id).map(|c| (f.take().expect("once"))(c)));
+        if let Some(Some(r)) = local {
+            return Ok(r);
+        }
+        let inbox = self.shared.lock_inbox();
+        match inbox.registry.get(&id) {
+            Some(c) => Ok((f.take().expect("once"))(c)),
+            None => Err(Error::no_conn(id)),
+        }
+    }
+
+    /// tf_conn_set_user_data. Works during stop too (on_close may clear it).
+    pub fn set_user_data(&self, id: u64, ptr: usize) -> Result<()> {
+        self.check_process()?;
+        self.with_conn(id, |c| c.user_data.store(ptr, Ordering::Release))
+    }
+
+    /// tf_conn_user_data: 0 when unset or unknown.
+    pub fn user_data(&self, id: u64) -> usize {
+        if self.check_process().is_err() {
+            return 0;
+        }
+        self.with_conn(id, |c| c.user_data.load(Ordering::Acquire)).unwrap_or(0)
+    }
+
+    /// tf_conn_pause / tf_conn_resume.
+    pub fn pause(&self, id: u64, pause: bool) -> Result<()> {
+        self.check_live()?;
+        let local =
+            event_loop::with_state(&self.shared, |st| if pause { st.pause(id) } else { st.resume(id) });
+        if let Some(r) = local {
+            return r;
+        }
+        self.shared.pause_from_host(id, pause)
+    }
+
+    /// tf_sendv, tf_send_many's single entries: any frame form.
+    pub fn send_frame(&self, id: u64, frame: Frame<'_>) -> Result<()> {
+        self.check_live()?;
+        if frame.len() > self.shared.max_frame as usize {
+            return Err(too_large(frame.len(), self.shared.max_frame));
+        }
+        if let Some(r) = event_loop::with_state(&self.shared, |st| st.send_frame(id, frame)) {
+            return r;
+        }
+        let mut inbox = self.shared.lock_inbox();
+        if inbox.stop_deadline.is_some() {
+            return Err(Error::stopped());
+        }
+        self.shared.send_locked(&mut inbox, id, frame)?;
+        drop(inbox);
+        self.shared.wake();
+        Ok(())
+    }
+
+    /// tf_send_many: the same frame to each id (payloads from SHARE_FROM
+    /// bytes are held once for all); returns how many took it.
+    pub fn send_many(&self, ids: &[u64], payload: &[u8]) -> Result<usize> {
+        self.check_live()?;
+        if payload.len() > self.shared.max_frame as usize {
+            return Err(too_large(payload.len(), self.shared.max_frame));
+        }
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let shared_payload;
+        let frame = if payload.len() >= SHARE_FROM && ids.len() > 1 {
+            let mut v = Vec::new();
+            v.try_reserve_exact(payload.len()).map_err(|_| {
+                Error::new(Code::Full, format!("no memory for a {} byte fan-out payload", payload.len()))
+            })?;
+            v.extend_from_slice(payload);
+            shared_payload = std::sync::Arc::new(v);
+            Frame::Shared(&shared_payload)
+        } else {
+            Frame::One(payload)
+        };
+        let local = event_loop::with_state(&self.shared, |st| {
+            ids.iter().filter(|&&id| st.send_frame(id, frame).is_ok()).count()
+        });
+        if let Some(n) = local {
+            return Ok(n);
+        }
+        let mut inbox = self.shared.lock_inbox();
+        if inbox.stop_deadline.is_some() {
+            return Err(Error::stopped());
+        }
+        let n = ids.iter().filter(|&&id| self.shared.send_locked(&mut inbox, id, frame).is_ok()).count();
+        drop(inbox);
+        if n > 0 {
+            self.shared.wake();
+        }
+        Ok(n)
+    }
+
+    /// tf_conn_get_info.
+    pub fn conn_info(&self, id: u64) -> Result<ConnInfo> {
+        self.check_process()?;
+        self.with_conn(id, |c| ConnInfo {
+            peer: c.peer.get().map(|p| p.to_string()).unwrap_or_default(),
+            bytes_received: c.bytes_received.load(Ordering::Relaxed),
+            bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
+            frames_received: c.frames_received.load(Ordering::Relaxed),
+            frames_sent: c.frames_sent.load(Ordering::Relaxed),
+            queued_output: c.queued.load(Ordering::Relaxed),
+            age_ms: c.born.elapsed().as_millis() as u64,
+            outbound: false,
+            paused: c.paused.load(Ordering::Relaxed),
+            thread: 0,
+        })
+    }
+}
+
+/// Fan-out payloads at least this long are held once and shared by every
+/// queue they go to; shorter ones are cheaper to copy.
+pub const SHARE_FROM: usize = 512;

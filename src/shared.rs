@@ -1,0 +1,341 @@
+//! What a server's host threads and its loop thread share: the inbox of
+//! commands and frames (one mutex), the coalesced wake-up, the counters, and
+//! the per-connection registry. Both `server` and `event_loop` use it.
+
+// Safe Rust only: unsafe code lives in src/ffi/ and src/sys/.
+#![forbid(unsafe_code)]
+
+use crate::conn::{encoded_len, ConnShared, CLOSED, GONE, OPEN};
+use crate::error::{Code, Error, Result};
+use crate::outq::{Frame, OutOfMemory, OutQueue};
+use crate::sys::Waker;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Hashes connection ids (already unique integers) with one multiply.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+pub type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+
+/// Counters behind tf_stats. Only the loop thread writes them.
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub connections_active: AtomicU64,
+    pub connections_accepted: AtomicU64,
+    pub connections_rejected: AtomicU64,
+    pub frames_received: AtomicU64,
+    pub frames_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub closed_too_large: AtomicU64,
+    pub closed_idle: AtomicU64,
+}
+
+/// Adds to a counter that only the calling thread writes: a load and a
+/// store, no locked read-modify-write on the hot path.
+pub fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
+/// Drops from a counter that only the calling thread writes.
+pub fn drop_count(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Ordering::Relaxed).saturating_sub(n), Ordering::Relaxed);
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub connections_active: u64,
+    pub connections_accepted: u64,
+    pub connections_rejected: u64,
+    pub frames_received: u64,
+    pub frames_sent: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub closed_too_large: u64,
+    pub closed_idle: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            connections_active: g(&self.connections_active),
+            connections_accepted: g(&self.connections_accepted),
+            connections_rejected: g(&self.connections_rejected),
+            frames_received: g(&self.frames_received),
+            frames_sent: g(&self.frames_sent),
+            bytes_received: g(&self.bytes_received),
+            bytes_sent: g(&self.bytes_sent),
+            closed_too_large: g(&self.closed_too_large),
+            closed_idle: g(&self.closed_idle),
+        }
+    }
+}
+
+/// Command kinds host threads hand to the loop.
+pub const CMD_SEND: u8 = 1;
+pub const CMD_CLOSE: u8 = 2;
+pub const CMD_ABORT: u8 = 3;
+pub const CMD_PAUSE: u8 = 4;
+pub const CMD_RESUME: u8 = 5;
+/// A host thread got TF_ERR_FULL: watch the connection for room.
+pub const CMD_WATCH: u8 = 6;
+
+/// What host threads hand to the loop, under one mutex.
+///
+/// Frames a host thread sends are encoded straight into a per-connection
+/// output queue here (`pending`), in the same chunks the connection's own
+/// queue uses; the loop then moves those chunks into the connection without
+/// copying them. A frame is never held twice, so queued output costs what
+/// it is, whichever thread sent it.
+#[derive(Default)]
+pub struct Inbox {
+    /// Every connection the host may name, with its shared half.
+    pub registry: IdMap<Arc<ConnShared>>,
+    /// Commands in call order: (kind, connection id). A connection's SEND
+    /// appears once per batch, where its first frame was sent: the frames are
+    /// in `pending` (no frame can follow a close or abort of the same
+    /// connection: tf_send refuses them).
+    pub cmds: Vec<(u8, u64)>,
+    /// Frames sent by host threads, per connection, not yet applied.
+    pub pending: IdMap<OutQueue>,
+    /// Set once by tf_server_stop: when the drain ends.
+    pub stop_deadline: Option<Instant>,
+}
+
+impl Inbox {
+    /// Queues one frame for connection `id`; nothing on failure.
+    pub fn push_send(&mut self, id: u64, payload: Frame<'_>) -> std::result::Result<(), OutOfMemory> {
+        self.cmds.try_reserve(1).map_err(|_| OutOfMemory)?;
+        self.pending.try_reserve(1).map_err(|_| OutOfMemory)?;
+        let q = self.pending.entry(id).or_default();
+        let first = q.is_empty();
+        q.push(payload, &mut || None)?;
+        if first {
+            self.cmds.push((CMD_SEND, id));
+        }
+        Ok(())
+    }
+
+    /// Queues a command without frames (close, abort).
+    pub fn push_cmd(&mut self, kind: u8, id: u64) -> std::result::Result<(), OutOfMemory> {
+        self.cmds.try_reserve(1).map_err(|_| OutOfMemory)?;
+        self.cmds.push((kind, id));
+        Ok(())
+    }
+}
+
+/// Everything a server's host threads and its loop thread share.
+pub struct Shared {
+    /// The process this server runs in (see sys::process_epoch).
+    pub epoch: u64,
+    /// The host wants on_writable / TF_EVENT_WRITABLE.
+    pub track_writable: bool,
+    pub max_frame: u32,
+    pub max_queued_output: u64,
+    /// Set when stop begins: sends fail, no more messages are delivered.
+    pub stopping: AtomicBool,
+    /// Set when the handle was freed from inside a callback: no callback
+    /// may run any more (the host may free what user_data points to).
+    pub silent: AtomicBool,
+    pub inbox: Mutex<Inbox>,
+    /// A wake-up is already on its way: later commands need not write the eventfd.
+    pub wake_pending: AtomicBool,
+    pub waker: Waker,
+    pub stats: Stats,
+    /// A handle freed while its loop thread could still be running host code
+    /// that uses it: the loop thread drops it when it ends.
+    pub deferred: Mutex<(bool, Option<Box<dyn Send>>)>,
+}
+
+impl Shared {
+    pub fn lock_inbox(&self) -> MutexGuard<'_, Inbox> {
+        // A panic while holding the lock cannot leave the inbox inconsistent
+        // (each push is complete or absent), so poisoning is ignored.
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the loop unless a wake-up is already pending.
+    pub fn wake(&self) {
+        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+            self.waker.set();
+        }
+    }
+
+    /// Keeps `handle` alive until the loop thread ends.
+    pub fn defer_drop(&self, handle: Box<dyn Send>) {
+        let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        if d.0 {
+            drop(d);
+            drop(handle); // the loop has ended already: nothing uses it
+        } else {
+            d.1 = Some(handle);
+        }
+    }
+
+    /// Called by the loop thread as it ends: drops a deferred handle.
+    pub fn loop_ended(&self) {
+        let handle = {
+            let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+            d.0 = true;
+            d.1.take()
+        };
+        drop(handle);
+    }
+
+    pub(crate) fn begin_stop(&self, drain: Duration) {
+        let mut inbox = self.lock_inbox();
+        if inbox.stop_deadline.is_none() {
+            inbox.stop_deadline = Some(Instant::now() + drain);
+            self.stopping.store(true, Ordering::Release);
+        }
+        drop(inbox);
+        self.wake_pending.store(true, Ordering::Release);
+        self.waker.set();
+    }
+
+    /// tf_send from a thread that is not this server's loop thread.
+    pub(crate) fn send_from_host(&self, id: u64, payload: &[u8]) -> Result<()> {
+        let mut inbox = self.lock_inbox();
+        if inbox.stop_deadline.is_some() {
+            return Err(Error::stopped());
+        }
+        self.send_locked(&mut inbox, id, Frame::One(payload))?;
+        drop(inbox);
+        self.wake();
+        Ok(())
+    }
+
+    /// One host-thread send, under the inbox lock (stop already checked).
+    pub(crate) fn send_locked(&self, inbox: &mut Inbox, id: u64, payload: Frame<'_>) -> Result<()> {
+        let conn = match inbox.registry.get(&id) {
+            Some(c) if c.takes_frames() => c.clone(),
+            _ => return Err(Error::no_conn(id)),
+        };
+        let n = encoded_len(payload.len());
+        if conn.reserve(n, self.max_queued_output).is_err() {
+            if self.track_writable && !conn.want_writable.swap(true, Ordering::AcqRel) {
+                // The loop watches it from now on (it alone knows when it drains).
+                let _ = inbox.push_cmd(CMD_WATCH, id);
+            }
+            return Err(full_error(id, payload.len(), self.max_queued_output));
+        }
+        if inbox.push_send(id, payload).is_err() {
+            conn.release(n);
+            return Err(out_of_memory(id, payload.len()));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn close_from_host(&self, id: u64) -> Result<()> {
+        let mut inbox = self.lock_inbox();
+        if inbox.stop_deadline.is_some() {
+            return Err(Error::stopped());
+        }
+        match inbox.registry.get(&id) {
+            Some(c)
+                if c.closing.load(Ordering::Acquire) == OPEN
+                    && !c.close_requested.swap(true, Ordering::AcqRel) =>
+            {
+                if inbox.push_cmd(CMD_CLOSE, id).is_err() {
+                    // Rare: retried by the close timeout path is not possible
+                    // without the command, so undo and report.
+                    if let Some(c) = inbox.registry.get(&id) {
+                        c.close_requested.store(false, Ordering::Release);
+                    }
+                    return Err(Error::new(
+                        Code::Full,
+                        format!("connection {id}: out of memory for the close"),
+                    ));
+                }
+            }
+            _ => return Err(Error::no_conn(id)),
+        }
+        drop(inbox);
+        self.wake();
+        Ok(())
+    }
+
+    pub(crate) fn abort_from_host(&self, id: u64) -> Result<()> {
+        let mut inbox = self.lock_inbox();
+        if inbox.stop_deadline.is_some() {
+            return Err(Error::stopped());
+        }
+        match inbox.registry.get(&id) {
+            Some(c) if abortable(c) => c.close_requested.store(true, Ordering::Release),
+            _ => return Err(Error::no_conn(id)),
+        }
+        if inbox.push_cmd(CMD_ABORT, id).is_err() {
+            return Err(Error::new(Code::Full, format!("connection {id}: out of memory for the abort")));
+        }
+        drop(inbox);
+        self.wake();
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// tf_conn_pause / tf_conn_resume from a thread that is not the loop's:
+    /// applied within one loop iteration.
+    pub(crate) fn pause_from_host(&self, id: u64, pause: bool) -> Result<()> {
+        let mut inbox = self.lock_inbox();
+        if inbox.stop_deadline.is_some() {
+            return Err(Error::stopped());
+        }
+        match inbox.registry.get(&id) {
+            Some(c) if c.is_live() => {}
+            _ => return Err(Error::no_conn(id)),
+        }
+        let kind = if pause { CMD_PAUSE } else { CMD_RESUME };
+        inbox.push_cmd(kind, id).map_err(|_| Error::new(Code::Full, "no memory for the command"))?;
+        drop(inbox);
+        self.wake();
+        Ok(())
+    }
+}
+
+/// tf_conn_abort applies to an open connection, one the host closed, or one
+/// whose peer half-closed; not to one closing for a reason of the loop's own.
+pub fn abortable(c: &ConnShared) -> bool {
+    match c.closing.load(Ordering::Acquire) {
+        CLOSED => false,
+        GONE => c.close_requested.load(Ordering::Acquire),
+        _ => true,
+    }
+}
+
+pub fn too_large(len: usize, max_frame: u32) -> Error {
+    Error::new(Code::TooLarge, format!("payload of {len} bytes is longer than max frame ({max_frame} bytes)"))
+}
+
+pub fn out_of_memory(id: u64, len: usize) -> Error {
+    Error::new(Code::Full, format!("connection {id}: no memory to queue a frame of {len} bytes"))
+}
+
+pub fn full_error(id: u64, len: usize, limit: u64) -> Error {
+    Error::new(
+        Code::Full,
+        format!("connection {id}: queuing {len} more bytes would pass max queued output ({limit} bytes)"),
+    )
+}
+
+#[cfg(feature = "fault-injection")]
+pub const PANIC_PAYLOAD: &[u8] = b"\0tcpframe:panic\0";
