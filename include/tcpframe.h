@@ -97,6 +97,18 @@
 #define TF_CLOSE_IDLE 5
 
 /**
+ * on_close reason: the peer broke the framing rules (an impossible length)
+ * or sent a bad PROXY header.
+ */
+#define TF_CLOSE_PROTOCOL 6
+
+/**
+ * on_close reason: an outbound connection (tf_connect) could not be
+ * established (refused, unreachable, no answer within the connect timeout).
+ */
+#define TF_CLOSE_CONNECT_FAILED 7
+
+/**
  * on_close reason: queued output stayed above the slow-consumer limit too
  * long (tf_config_set_slow_consumer()).
  */
@@ -134,6 +146,17 @@
 #define TF_LOG_INFO 3
 
 #define TF_LOG_DEBUG 4
+
+/**
+ * TF_PREFIX_* flag: the length is big-endian (network byte order: DNS over
+ * TCP, Thrift framed, Kafka, Erlang {packet,N}).
+ */
+#define TF_PREFIX_BIG_ENDIAN 1
+
+/**
+ * TF_PREFIX_* flag: the length counts the prefix bytes too.
+ */
+#define TF_PREFIX_INCLUDES_ITSELF 2
 
 /**
  * tf_event.kind: a connection was accepted; `data` is the peer text.
@@ -505,6 +528,29 @@ int32_t tf_config_set_close_timeout_ms(struct tf_config *cfg, uint32_t ms);
  * **Thread:** any thread, one at a time per configuration.
  */
 int32_t tf_config_set_max_buffered(struct tf_config *cfg, uint64_t bytes);
+
+/**
+ * Sets the length prefix, for both directions and every connection of the
+ * server (outbound ones too): `width` 1, 2, 4 or 8 bytes, `flags` a
+ * combination of TF_PREFIX_BIG_ENDIAN and TF_PREFIX_INCLUDES_ITSELF.
+ * Default: width 4, flags 0 (little-endian, payload length only).
+ * Examples: DNS over TCP (2, TF_PREFIX_BIG_ENDIAN); Thrift framed and Kafka
+ * (4, TF_PREFIX_BIG_ENDIAN); Erlang {packet,1|2|4} (N, TF_PREFIX_BIG_ENDIAN).
+ *
+ * The largest payload is then min(max frame, C), C being what the prefix can
+ * express: 2^(8*width) - 1 (255, 65535, 2^32 - 1, 2^64 - 1), or that minus
+ * the width with TF_PREFIX_INCLUDES_ITSELF. tf_send of more is
+ * TF_ERR_TOO_LARGE; a peer announcing more is closed with
+ * TF_CLOSE_TOO_LARGE. With TF_PREFIX_INCLUDES_ITSELF, a prefix value smaller
+ * than the width is impossible: that connection is closed with
+ * TF_CLOSE_PROTOCOL.
+ *
+ * Returns TF_OK; TF_ERR_INVALID for another width or an unknown flag bit
+ * (the configuration is then unchanged), or NULL `cfg`.
+ *
+ * **Thread:** any thread, one at a time per configuration.
+ */
+int32_t tf_config_set_prefix(struct tf_config *cfg, uint32_t width, uint32_t flags);
 
 /**
  * Chooses the event-loop backend: TF_BACKEND_AUTO (default), TF_BACKEND_POLL

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 use crate::error::{Error, Result};
+use crate::frame::Format;
 use crate::sys::Backend;
 use std::fmt;
 use std::net::SocketAddr;
@@ -33,6 +34,8 @@ pub struct Config {
     pub close_timeout_ms: u32,
     /// Budget for partial inbound frames, all connections together.
     pub max_buffered: u64,
+    /// The length prefix, both directions.
+    pub prefix: Format,
     /// Slow-consumer policy: (soft limit in bytes, seconds); None: off.
     pub slow_consumer: Option<(u64, u32)>,
     /// The host wants to learn when a full queue has room again
@@ -55,6 +58,7 @@ impl Default for Config {
             max_queued_output: 16 * 1024 * 1024,
             close_timeout_ms: 10_000,
             max_buffered: 1 << 30,
+            prefix: Format::default(),
             slow_consumer: None,
             writable_events: false,
             backend: None,
@@ -73,6 +77,7 @@ impl fmt::Debug for Config {
             .field("max_queued_output", &self.max_queued_output)
             .field("close_timeout_ms", &self.close_timeout_ms)
             .field("max_buffered", &self.max_buffered)
+            .field("prefix", &self.prefix)
             .field("slow_consumer", &self.slow_consumer)
             .field("writable_events", &self.writable_events)
             .field("backend", &self.backend)
@@ -134,6 +139,23 @@ impl Config {
         }
         self.max_buffered = bytes;
         Ok(())
+    }
+
+    /// tf_config_set_prefix: width 1, 2, 4 or 8; TF_PREFIX_* flags.
+    pub fn set_prefix(&mut self, width: u32, flags: u32) -> Result<()> {
+        self.prefix = Format::new(width, flags).ok_or_else(|| {
+            Error::invalid(format!(
+                "prefix width {width} with flags {flags:#x}: the width must be 1, 2, 4 or 8 and the flags \
+                 TF_PREFIX_BIG_ENDIAN (1) and/or TF_PREFIX_INCLUDES_ITSELF (2)"
+            ))
+        })?;
+        Ok(())
+    }
+
+    /// The largest payload in and out: max frame, or less when the prefix
+    /// cannot express it.
+    pub fn effective_max_frame(&self) -> u32 {
+        (self.max_frame as u64).min(self.prefix.max_payload()) as u32
     }
 
     /// (0, 0) turns it off; a soft limit with 0 seconds is refused.

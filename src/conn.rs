@@ -5,7 +5,7 @@
 // Safe Rust only: unsafe code lives in src/ffi/ and src/sys/.
 #![forbid(unsafe_code)]
 
-use crate::frame::{Decoder, PREFIX_LEN};
+use crate::frame::{Decoder, Format};
 use crate::outq::{OutOfMemory, OutQueue};
 use crate::sys::Interest;
 use std::os::fd::OwnedFd;
@@ -23,6 +23,8 @@ pub enum CloseReason {
     Io = 3,
     TooLarge = 4,
     Idle = 5,
+    Protocol = 6,
+    ConnectFailed = 7,
     Slow = 8,
     Overload = 9,
 }
@@ -183,14 +185,14 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(id: u64, fd: OwnedFd, max_frame: u32, now: Instant) -> Conn {
+    pub fn new(id: u64, fd: OwnedFd, max_frame: u32, fmt: Format, now: Instant) -> Conn {
         Conn {
             id,
             fd,
             shared: Arc::new(ConnShared::new(now)),
-            decoder: Decoder::new(max_frame),
+            decoder: Decoder::with_format(max_frame, fmt),
             buffered: 0,
-            out: OutQueue::default(),
+            out: OutQueue::new(fmt),
             phase: Phase::Open,
             reset: false,
             eof: false,
@@ -350,8 +352,8 @@ impl Conn {
 }
 
 /// Size of the prefix plus payload, as counted against max queued output.
-pub fn encoded_len(payload_len: usize) -> u64 {
-    (PREFIX_LEN + payload_len) as u64
+pub fn encoded_len(fmt: Format, payload_len: usize) -> u64 {
+    (fmt.width() + payload_len) as u64
 }
 
 #[cfg(test)]
@@ -363,7 +365,7 @@ mod tests {
         // A real descriptor, so that dropping the Conn closes something ours.
         let fd = std::fs::File::open("/dev/null").unwrap();
         let fd: OwnedFd = fd.into();
-        Conn::new(1, fd, 1024, Instant::now())
+        Conn::new(1, fd, 1024, Format::default(), Instant::now())
     }
 
     #[test]
@@ -381,7 +383,7 @@ mod tests {
     fn written_bytes_release_the_reservation() {
         let mut c = conn();
         for p in [&b"abc"[..], b"", b"hello"] {
-            c.shared.reserve(encoded_len(p.len()), 1 << 20).unwrap();
+            c.shared.reserve(encoded_len(Format::default(), p.len()), 1 << 20).unwrap();
             c.push_frame(p, &mut || None).unwrap();
         }
         assert_eq!(c.wrote(11, &mut drop), 2);

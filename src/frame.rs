@@ -1,5 +1,7 @@
 //! Pure framing: an incremental decoder that cuts a byte stream into frames
-//! (4-byte little-endian length + payload), and the matching encoder.
+//! (a length prefix of 1, 2, 4 or 8 bytes, either byte order, counting the
+//! payload or the whole frame; 4-byte little-endian payload length by
+//! default), and the matching encoder.
 //!
 //! The announced length is checked against the limit before a single byte is
 //! kept for it, so a hostile prefix costs nothing. Bytes are kept only for a
@@ -10,6 +12,90 @@
 
 /// Length of the default prefix: u32, little-endian, payload length only.
 pub const PREFIX_LEN: usize = 4;
+/// Longest prefix.
+pub const MAX_PREFIX: usize = 8;
+
+/// TF_PREFIX_BIG_ENDIAN: network byte order.
+pub const BIG_ENDIAN: u32 = 1;
+/// TF_PREFIX_INCLUDES_ITSELF: the length counts the prefix bytes too.
+pub const INCLUDES_ITSELF: u32 = 2;
+
+/// How a frame's length is written on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Format {
+    width: u8,
+    big_endian: bool,
+    includes_itself: bool,
+}
+
+impl Default for Format {
+    fn default() -> Format {
+        Format { width: PREFIX_LEN as u8, big_endian: false, includes_itself: false }
+    }
+}
+
+impl Format {
+    /// A prefix of `width` bytes (1, 2, 4 or 8) with TF_PREFIX_* `flags`;
+    /// None for anything else.
+    pub fn new(width: u32, flags: u32) -> Option<Format> {
+        if !matches!(width, 1 | 2 | 4 | 8) || flags & !(BIG_ENDIAN | INCLUDES_ITSELF) != 0 {
+            return None;
+        }
+        Some(Format {
+            width: width as u8,
+            big_endian: flags & BIG_ENDIAN != 0,
+            includes_itself: flags & INCLUDES_ITSELF != 0,
+        })
+    }
+
+    /// Prefix bytes.
+    pub fn width(&self) -> usize {
+        self.width as usize
+    }
+
+    /// The largest payload the prefix can express.
+    pub fn max_payload(&self) -> u64 {
+        let all = if self.width == 8 { u64::MAX } else { (1u64 << (8 * self.width as u32)) - 1 };
+        if self.includes_itself {
+            all - self.width as u64
+        } else {
+            all
+        }
+    }
+
+    /// The prefix announcing a payload of `len` bytes (the caller checked
+    /// that it fits): its bytes and how many of them are used.
+    pub fn prefix(&self, len: usize) -> ([u8; MAX_PREFIX], usize) {
+        let w = self.width();
+        let value = len as u64 + if self.includes_itself { w as u64 } else { 0 };
+        let mut out = [0u8; MAX_PREFIX];
+        if self.big_endian {
+            out[..w].copy_from_slice(&value.to_be_bytes()[MAX_PREFIX - w..]);
+        } else {
+            out[..w].copy_from_slice(&value.to_le_bytes()[..w]);
+        }
+        (out, w)
+    }
+
+    /// The payload length a complete prefix announces; Err for a value a
+    /// well-behaved peer cannot send (shorter than the prefix itself).
+    pub fn payload_len(&self, prefix: &[u8]) -> Result<u64, DecodeError> {
+        let w = self.width();
+        let mut buf = [0u8; MAX_PREFIX];
+        let value = if self.big_endian {
+            buf[MAX_PREFIX - w..].copy_from_slice(&prefix[..w]);
+            u64::from_be_bytes(buf)
+        } else {
+            buf[..w].copy_from_slice(&prefix[..w]);
+            u64::from_le_bytes(buf)
+        };
+        if self.includes_itself {
+            value.checked_sub(w as u64).ok_or(DecodeError::Protocol { announced: value })
+        } else {
+            Ok(value)
+        }
+    }
+}
 
 /// What the frame consumer wants next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +110,9 @@ pub enum Flow {
 pub enum DecodeError {
     /// A prefix announced a payload longer than the limit.
     TooLarge { announced: u64, max: u32 },
+    /// A prefix announced something impossible (a length counting the
+    /// prefix that is shorter than the prefix).
+    Protocol { announced: u64 },
     /// Memory for the partial frame could not be had (the allocator said no).
     OutOfMemory,
 }
@@ -36,19 +125,25 @@ pub const GROW_SLACK: usize = 64 * 1024;
 /// Incremental decoder; one per connection.
 #[derive(Debug)]
 pub struct Decoder {
+    /// Largest payload: max frame, or less when the prefix cannot say more.
     max_frame: u32,
+    fmt: Format,
     /// Bytes of a frame split across reads: its prefix (or part of it) and
     /// the payload received so far. Empty and unallocated between frames.
     partial: Vec<u8>,
 }
 
-fn announced(prefix: &[u8]) -> u32 {
-    u32::from_le_bytes(prefix[..PREFIX_LEN].try_into().expect("a prefix has four bytes"))
-}
-
 impl Decoder {
+    /// A decoder for the default prefix.
     pub fn new(max_frame: u32) -> Decoder {
-        Decoder { max_frame, partial: Vec::new() }
+        Decoder::with_format(max_frame, Format::default())
+    }
+
+    /// A decoder for `fmt`; payloads above min(max_frame, what the prefix
+    /// can express) are refused.
+    pub fn with_format(max_frame: u32, fmt: Format) -> Decoder {
+        let max_frame = (max_frame as u64).min(fmt.max_payload()) as u32;
+        Decoder { max_frame, fmt, partial: Vec::new() }
     }
 
     /// True when no partial frame is held (the stream is at a frame boundary).
@@ -61,11 +156,14 @@ impl Decoder {
         self.partial.capacity()
     }
 
-    fn check(&self, len: u32) -> Result<usize, DecodeError> {
+    /// The payload length the complete prefix at the start of `prefix`
+    /// announces, checked against the limit before anything is kept.
+    fn check(&self, prefix: &[u8]) -> Result<usize, DecodeError> {
+        let len = self.fmt.payload_len(prefix)?;
         // The second test matters only where usize is 32 bits: a frame and
         // its prefix must fit in memory.
-        if len > self.max_frame || len as u64 > (isize::MAX as u64).saturating_sub(PREFIX_LEN as u64) {
-            Err(DecodeError::TooLarge { announced: len as u64, max: self.max_frame })
+        if len > self.max_frame as u64 || len > (isize::MAX as u64).saturating_sub(MAX_PREFIX as u64) {
+            Err(DecodeError::TooLarge { announced: len, max: self.max_frame })
         } else {
             Ok(len as usize)
         }
@@ -109,16 +207,17 @@ impl Decoder {
         on_frame: &mut dyn FnMut(&[u8]) -> Flow,
     ) -> Result<(Flow, usize), DecodeError> {
         let given = input.len();
+        let w = self.fmt.width();
         if !self.partial.is_empty() {
-            if self.partial.len() < PREFIX_LEN {
-                let take = (PREFIX_LEN - self.partial.len()).min(input.len());
-                self.keep(&input[..take], PREFIX_LEN)?;
+            if self.partial.len() < w {
+                let take = (w - self.partial.len()).min(input.len());
+                self.keep(&input[..take], w)?;
                 input = &input[take..];
-                if self.partial.len() < PREFIX_LEN {
+                if self.partial.len() < w {
                     return Ok((Flow::Continue, given));
                 }
             }
-            let total = PREFIX_LEN + self.check(announced(&self.partial))?;
+            let total = w + self.check(&self.partial)?;
             let take = (total - self.partial.len()).min(input.len());
             self.keep(&input[..take], total)?;
             input = &input[take..];
@@ -126,27 +225,23 @@ impl Decoder {
                 return Ok((Flow::Continue, given));
             }
             let frame = std::mem::take(&mut self.partial);
-            if on_frame(&frame[PREFIX_LEN..]) == Flow::Stop {
+            if on_frame(&frame[w..]) == Flow::Stop {
                 return Ok((Flow::Stop, given - input.len()));
             }
         }
-        while input.len() >= PREFIX_LEN {
-            let len = self.check(announced(input))?;
-            if input.len() - PREFIX_LEN < len {
+        while input.len() >= w {
+            let len = self.check(input)?;
+            if input.len() - w < len {
                 break;
             }
-            let (frame, rest) = input[PREFIX_LEN..].split_at(len);
+            let (frame, rest) = input[w..].split_at(len);
             input = rest;
             if on_frame(frame) == Flow::Stop {
                 return Ok((Flow::Stop, given - input.len()));
             }
         }
         if !input.is_empty() {
-            let total = if input.len() >= PREFIX_LEN {
-                PREFIX_LEN + self.check(announced(input))?
-            } else {
-                PREFIX_LEN
-            };
+            let total = if input.len() >= w { w + self.check(input)? } else { w };
             self.keep(input, total)?;
         }
         Ok((Flow::Continue, given))
@@ -158,8 +253,8 @@ impl Decoder {
     }
 }
 
-/// The prefix announcing a payload of `len` bytes (the caller checked that
-/// it fits).
+/// The default prefix announcing a payload of `len` bytes (the caller
+/// checked that it fits).
 pub fn prefix(len: usize) -> [u8; PREFIX_LEN] {
     debug_assert!(len <= u32::MAX as usize);
     (len as u32).to_le_bytes()
@@ -177,7 +272,8 @@ pub fn encode_into(out: &mut Vec<u8>, payload: &[u8]) {
 /// the prefixes: payload bytes are skipped by count.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Walker {
-    prefix: [u8; PREFIX_LEN],
+    fmt: Format,
+    prefix: [u8; MAX_PREFIX],
     /// Prefix bytes seen of the current frame.
     have: usize,
     /// Payload bytes of the current frame still to come.
@@ -185,17 +281,23 @@ pub struct Walker {
 }
 
 impl Walker {
+    pub fn new(fmt: Format) -> Walker {
+        Walker { fmt, ..Walker::default() }
+    }
+
     /// Consumes the next written bytes; returns how many frames they completed.
     pub fn advance(&mut self, mut bytes: &[u8]) -> u64 {
+        let w = self.fmt.width();
         let mut done = 0;
         while !bytes.is_empty() {
-            if self.have < PREFIX_LEN {
-                let take = (PREFIX_LEN - self.have).min(bytes.len());
+            if self.have < w {
+                let take = (w - self.have).min(bytes.len());
                 self.prefix[self.have..self.have + take].copy_from_slice(&bytes[..take]);
                 self.have += take;
                 bytes = &bytes[take..];
-                if self.have == PREFIX_LEN {
-                    self.left = announced(&self.prefix) as u64;
+                if self.have == w {
+                    // Our own encoding: never an impossible value.
+                    self.left = self.fmt.payload_len(&self.prefix).unwrap_or(0);
                 } else {
                     continue;
                 }
@@ -204,7 +306,7 @@ impl Walker {
                 self.left -= take as u64;
                 bytes = &bytes[take..];
             }
-            if self.have == PREFIX_LEN && self.left == 0 {
+            if self.have == w && self.left == 0 {
                 done += 1;
                 self.have = 0;
             }
@@ -214,7 +316,7 @@ impl Walker {
 
     /// At a frame boundary (after the queue was written out entirely).
     pub fn reset(&mut self) {
-        *self = Walker::default();
+        *self = Walker::new(self.fmt);
     }
 }
 
@@ -367,6 +469,104 @@ mod tests {
         });
         assert_eq!(r, Ok(Flow::Stop));
         assert_eq!(seen, 2);
+    }
+
+    fn formats() -> Vec<Format> {
+        let mut v = Vec::new();
+        for w in [1, 2, 4, 8] {
+            for flags in 0..4 {
+                v.push(Format::new(w, flags).unwrap());
+            }
+        }
+        v
+    }
+
+    fn stream_in(fmt: Format, frames: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for f in frames {
+            let (p, w) = fmt.prefix(f.len());
+            out.extend_from_slice(&p[..w]);
+            out.extend_from_slice(f);
+        }
+        out
+    }
+
+    #[test]
+    fn only_the_listed_widths_and_flags_make_a_format() {
+        for w in [0, 3, 5, 6, 7, 9, 16, u32::MAX] {
+            assert!(Format::new(w, 0).is_none(), "width {w}");
+        }
+        assert!(Format::new(4, 4).is_none());
+        assert!(Format::new(4, u32::MAX).is_none());
+        assert_eq!(Format::new(4, 0).unwrap(), Format::default());
+    }
+
+    #[test]
+    fn each_format_says_the_largest_payload_it_can_express() {
+        let m = |w, f| Format::new(w, f).unwrap().max_payload();
+        assert_eq!((m(1, 0), m(2, 0), m(4, 0), m(8, 0)), (255, 65535, u32::MAX as u64, u64::MAX));
+        assert_eq!((m(1, 2), m(2, 2), m(4, 2), m(8, 3)), (254, 65533, u32::MAX as u64 - 4, u64::MAX - 8));
+    }
+
+    #[test]
+    fn prefixes_are_written_in_the_byte_order_asked_for() {
+        let be = Format::new(2, BIG_ENDIAN).unwrap();
+        assert_eq!(&be.prefix(0x0102).0[..2], &[1, 2]);
+        let le = Format::new(2, 0).unwrap();
+        assert_eq!(&le.prefix(0x0102).0[..2], &[2, 1]);
+        let inc = Format::new(4, BIG_ENDIAN | INCLUDES_ITSELF).unwrap();
+        assert_eq!(&inc.prefix(10).0[..4], &[0, 0, 0, 14]);
+        assert_eq!(inc.payload_len(&[0, 0, 0, 14]), Ok(10));
+        assert_eq!(inc.payload_len(&[0, 0, 0, 3]), Err(DecodeError::Protocol { announced: 3 }));
+        assert_eq!(inc.payload_len(&[0, 0, 0, 4]), Ok(0));
+    }
+
+    #[test]
+    fn every_format_gives_the_same_frames_at_every_split() {
+        for fmt in formats() {
+            let frames: Vec<Vec<u8>> =
+                vec![vec![], b"a".to_vec(), vec![7u8; 200], vec![], (0..=250u8).collect()];
+            let bytes = stream_in(fmt, &frames);
+            for cut in 0..=bytes.len() {
+                let mut d = Decoder::with_format(1 << 20, fmt);
+                let mut got = Vec::new();
+                for part in [&bytes[..cut], &bytes[cut..]] {
+                    d.feed(part, &mut |f| {
+                        got.push(f.to_vec());
+                        Flow::Continue
+                    })
+                    .unwrap();
+                }
+                assert_eq!(got, frames, "{fmt:?} cut {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_one_byte_prefix_refuses_more_than_it_can_say_and_an_impossible_length_is_a_protocol_error() {
+        // Max frame 8 MiB, but a 1-byte prefix including itself can say 250 at most.
+        let fmt = Format::new(1, INCLUDES_ITSELF).unwrap();
+        let mut d = Decoder::with_format(8 << 20, fmt);
+        assert_eq!(d.feed(&[0], &mut |_| Flow::Continue), Err(DecodeError::Protocol { announced: 0 }));
+        let mut d = Decoder::with_format(100, fmt);
+        assert_eq!(
+            d.feed(&[102], &mut |_| Flow::Continue),
+            Err(DecodeError::TooLarge { announced: 101, max: 100 })
+        );
+        let mut d = Decoder::with_format(8 << 20, Format::new(8, BIG_ENDIAN).unwrap());
+        assert!(matches!(d.feed(&[0xFF; 8], &mut |_| Flow::Continue), Err(DecodeError::TooLarge { .. })));
+        assert_eq!(d.held_capacity(), 0);
+    }
+
+    #[test]
+    fn the_walker_counts_frames_in_every_format() {
+        for fmt in formats() {
+            let frames: Vec<Vec<u8>> = vec![vec![], vec![1u8; 100], b"xy".to_vec()];
+            let bytes = stream_in(fmt, &frames);
+            let mut w = Walker::new(fmt);
+            let n: u64 = bytes.iter().map(|b| w.advance(std::slice::from_ref(b))).sum();
+            assert_eq!(n, 3, "{fmt:?}");
+        }
     }
 
     #[test]

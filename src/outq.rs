@@ -11,7 +11,7 @@
 // Safe Rust only: unsafe code lives in src/ffi/ and src/sys/.
 #![forbid(unsafe_code)]
 
-use crate::frame::{self, Walker, PREFIX_LEN};
+use crate::frame::{Format, Walker};
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::sync::Arc;
@@ -96,6 +96,7 @@ impl Chunk {
 
 #[derive(Debug, Default)]
 pub struct OutQueue {
+    fmt: Format,
     chunks: VecDeque<Chunk>,
     /// Bytes of the first chunk already written.
     head_pos: usize,
@@ -108,6 +109,16 @@ pub struct OutQueue {
 }
 
 impl OutQueue {
+    /// A queue whose frames carry `fmt`'s prefix.
+    pub fn new(fmt: Format) -> OutQueue {
+        OutQueue { fmt, walker: Walker::new(fmt), ..OutQueue::default() }
+    }
+
+    /// Bytes a frame of `len` payload bytes takes in the queue.
+    pub fn encoded_len(&self, len: usize) -> usize {
+        self.fmt.width() + len
+    }
+
     pub fn is_empty(&self) -> bool {
         self.unsent == 0
     }
@@ -191,11 +202,12 @@ impl OutQueue {
         payload: &[u8],
         spare: &mut dyn FnMut() -> Option<Vec<u8>>,
     ) -> Result<(), OutOfMemory> {
-        let n = PREFIX_LEN + payload.len();
+        let n = self.fmt.width() + payload.len();
         // The common case: the tail has room for the whole frame.
         if let Some(Chunk::Own(tail)) = self.chunks.back_mut() {
             if tail.capacity() - tail.len() >= n {
-                tail.extend_from_slice(&frame::prefix(payload.len()));
+                let (prefix, w) = self.fmt.prefix(payload.len());
+                tail.extend_from_slice(&prefix[..w]);
                 tail.extend_from_slice(payload);
                 self.unsent += n;
                 self.frames += 1;
@@ -213,9 +225,10 @@ impl OutQueue {
         len: usize,
         spare: &mut dyn FnMut() -> Option<Vec<u8>>,
     ) -> Result<(), OutOfMemory> {
-        let n = PREFIX_LEN + len;
+        let n = self.fmt.width() + len;
         let start = self.reserve(n, spare)?;
-        self.fill(start, &frame::prefix(len));
+        let (prefix, w) = self.fmt.prefix(len);
+        self.fill(start, &prefix[..w]);
         for part in parts {
             // `fill` passes over chunks that are already full.
             self.fill(start, part);
@@ -236,14 +249,15 @@ impl OutQueue {
             return self.push_frame(&[], spare);
         }
         let before = self.chunks.len();
-        let start = self.reserve(PREFIX_LEN, spare)?;
+        let (prefix, w) = self.fmt.prefix(payload.len());
+        let start = self.reserve(w, spare)?;
         if self.chunks.try_reserve(1).is_err() {
-            self.chunks.truncate(before.max(start));
+            self.chunks.truncate(before);
             return Err(OutOfMemory);
         }
-        self.fill(start, &frame::prefix(payload.len()));
+        self.fill(start, &prefix[..w]);
         self.chunks.push_back(Chunk::Shared(payload.clone()));
-        self.unsent += PREFIX_LEN + payload.len();
+        self.unsent += w + payload.len();
         self.frames += 1;
         Ok(())
     }
@@ -371,7 +385,7 @@ impl OutQueue {
     /// Drops everything unsent; returns how many bytes that was.
     pub fn discard(&mut self) -> usize {
         let unsent = self.unsent;
-        *self = OutQueue::default();
+        *self = OutQueue::new(self.fmt);
         unsent
     }
 }
@@ -379,6 +393,7 @@ impl OutQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame;
 
     fn none() -> Option<Vec<u8>> {
         None

@@ -7,6 +7,7 @@
 
 use crate::conn::{encoded_len, ConnShared, CLOSED, GONE, OPEN};
 use crate::error::{Code, Error, Result};
+use crate::frame::Format;
 use crate::outq::{Frame, OutOfMemory, OutQueue};
 use crate::sys::Waker;
 use std::collections::HashMap;
@@ -123,10 +124,15 @@ pub struct Inbox {
 
 impl Inbox {
     /// Queues one frame for connection `id`; nothing on failure.
-    pub fn push_send(&mut self, id: u64, payload: Frame<'_>) -> std::result::Result<(), OutOfMemory> {
+    pub fn push_send(
+        &mut self,
+        id: u64,
+        fmt: Format,
+        payload: Frame<'_>,
+    ) -> std::result::Result<(), OutOfMemory> {
         self.cmds.try_reserve(1).map_err(|_| OutOfMemory)?;
         self.pending.try_reserve(1).map_err(|_| OutOfMemory)?;
-        let q = self.pending.entry(id).or_default();
+        let q = self.pending.entry(id).or_insert_with(|| OutQueue::new(fmt));
         let first = q.is_empty();
         q.push(payload, &mut || None)?;
         if first {
@@ -145,6 +151,8 @@ impl Inbox {
 
 /// Everything a server's host threads and its loop thread share.
 pub struct Shared {
+    /// The length prefix of every frame, both directions.
+    pub format: Format,
     /// The process this server runs in (see sys::process_epoch).
     pub epoch: u64,
     /// The host wants on_writable / TF_EVENT_WRITABLE.
@@ -230,7 +238,7 @@ impl Shared {
             Some(c) if c.takes_frames() => c.clone(),
             _ => return Err(Error::no_conn(id)),
         };
-        let n = encoded_len(payload.len());
+        let n = encoded_len(self.format, payload.len());
         if conn.reserve(n, self.max_queued_output).is_err() {
             if self.track_writable && !conn.want_writable.swap(true, Ordering::AcqRel) {
                 // The loop watches it from now on (it alone knows when it drains).
@@ -238,7 +246,7 @@ impl Shared {
             }
             return Err(full_error(id, payload.len(), self.max_queued_output));
         }
-        if inbox.push_send(id, payload).is_err() {
+        if inbox.push_send(id, self.format, payload).is_err() {
             conn.release(n);
             return Err(out_of_memory(id, payload.len()));
         }

@@ -108,7 +108,7 @@ impl<H: Handler> EventLoop<H> {
         let id = self.next_id;
         self.next_id += 1;
         // Its idle clock starts now, however long this iteration has run.
-        let conn = Conn::new(id, a.fd, self.max_frame, Instant::now());
+        let conn = Conn::new(id, a.fd, self.max_frame, self.format, Instant::now());
         let cshared = conn.shared.clone();
         let slot = self.state.borrow_mut().insert(conn);
         if let Err(e) = self.poller.add(fd, slot as usize + FIRST_CONN, Interest::READ) {

@@ -37,12 +37,13 @@ impl State {
             _ => *self.ids.get(&id).ok_or_else(|| Error::no_conn(id))?,
         };
         let limit = self.max_queued_output;
+        let fmt = self.format;
         let len = payload.len();
         let c = self.get_id(slot, id).ok_or_else(|| Error::no_conn(id))?;
         if !c.takes_frames() || c.shared.close_requested.load(Ordering::Acquire) {
             return Err(Error::no_conn(id));
         }
-        let n = encoded_len(len);
+        let n = encoded_len(fmt, len);
         if c.shared.reserve(n, limit).is_err() {
             self.watch_writable(slot, id);
             return Err(full_error(id, len, limit));

@@ -78,6 +78,10 @@ fn deliver<H: Handler>(
                 format!("announced a frame of {announced} bytes (max frame {max})"),
             ));
         }
+        Err(DecodeError::Protocol { announced }) => {
+            out.failure =
+                Some((CloseReason::Protocol, format!("announced an impossible length ({announced})")));
+        }
         Err(DecodeError::OutOfMemory) => {
             out.failure = Some((CloseReason::Overload, "no memory for a partial frame".into()));
         }
@@ -159,7 +163,10 @@ impl<H: Handler> EventLoop<H> {
         let mut st = self.state.borrow_mut();
         st.current = (id, slot);
         let c = st.conn_mut(slot);
-        (std::mem::replace(&mut c.decoder, Decoder::new(self.max_frame)), c.shared.clone())
+        (
+            std::mem::replace(&mut c.decoder, Decoder::with_format(self.max_frame, self.format)),
+            c.shared.clone(),
+        )
     }
 
     /// Puts the decoder back and applies what a delivery found: end of

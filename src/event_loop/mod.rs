@@ -26,6 +26,7 @@ pub use state::{State, StateConfig};
 
 use crate::config::LogLevel;
 use crate::conn::CloseReason;
+use crate::frame::Format;
 use crate::outq::OutQueue;
 use crate::shared::{IdMap, Shared};
 use crate::sys::{Backend, Event, Poller};
@@ -126,6 +127,7 @@ pub struct EventLoop<H: Handler> {
     next_id: u64,
     max_connections: usize,
     max_frame: u32,
+    format: Format,
     /// Budget for all partial inbound frames together.
     max_buffered: u64,
     idle_timeout: Option<Duration>,

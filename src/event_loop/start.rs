@@ -7,6 +7,7 @@ use super::local::{Link, CURRENT};
 use super::log::{Logger, Topic};
 use super::{EventLoop, Handler, State, StateConfig, SCRATCH};
 use crate::config::{Config, LogLevel, LogSink};
+use crate::frame::Format;
 use crate::shared::Shared;
 use crate::sys::{Backend, Poller};
 use std::cell::RefCell;
@@ -36,7 +37,8 @@ impl<H: Handler> Starter<H> {
             backend,
             handler,
             max_connections: config.max_connections as usize,
-            max_frame: config.max_frame,
+            max_frame: config.effective_max_frame(),
+            format: config.prefix,
             max_queued_output: config.max_queued_output,
             max_buffered: config.max_buffered,
             writable_events: config.writable_events,
@@ -59,6 +61,7 @@ pub struct Starter<H: Handler> {
     handler: H,
     max_connections: usize,
     max_frame: u32,
+    format: Format,
     max_queued_output: u64,
     max_buffered: u64,
     writable_events: bool,
@@ -74,6 +77,7 @@ impl<H: Handler> Starter<H> {
         let state = Rc::new(RefCell::new(State::new(StateConfig {
             track_idle: self.idle_timeout.is_some(),
             max_queued_output: self.max_queued_output,
+            format: self.format,
             close_timeout: self.close_timeout,
             track_writable: self.writable_events,
             slow: self.slow_consumer.map(|(soft, secs)| (soft, Duration::from_secs(secs as u64))),
@@ -93,6 +97,7 @@ impl<H: Handler> Starter<H> {
             next_id: 1,
             max_connections: self.max_connections,
             max_frame: self.max_frame,
+            format: self.format,
             max_buffered: self.max_buffered,
             idle_timeout: self.idle_timeout,
             spare_fd: super::accept::open_spare(),

@@ -6,6 +6,7 @@
 
 use crate::conn::{encoded_len, CloseReason, Conn, ConnShared, Phase, NIL};
 use crate::error::{Error, Result};
+use crate::frame::Format;
 use crate::outq::{OutOfMemory, OutQueue};
 use crate::shared::{
     abortable, full_error, out_of_memory, IdMap, CMD_ABORT, CMD_CLOSE, CMD_PAUSE, CMD_RESUME, CMD_SEND,
@@ -36,6 +37,7 @@ pub struct State {
     idle_tail: u32,
     track_idle: bool,
     pub(super) max_queued_output: u64,
+    pub(super) format: Format,
     /// The connection whose frames are being dispatched (id 0: none), so
     /// that the common reply to the sender skips the id lookup.
     pub(super) current: (u64, u32),
@@ -65,6 +67,7 @@ pub struct State {
 pub struct StateConfig {
     pub track_idle: bool,
     pub max_queued_output: u64,
+    pub format: Format,
     pub close_timeout: Duration,
     pub track_writable: bool,
     pub slow: Option<(u64, Duration)>,
@@ -72,7 +75,7 @@ pub struct StateConfig {
 
 impl State {
     pub(super) fn new(cfg: StateConfig) -> State {
-        let StateConfig { track_idle, max_queued_output, close_timeout, track_writable, slow } = cfg;
+        let StateConfig { track_idle, max_queued_output, format, close_timeout, track_writable, slow } = cfg;
         State {
             conns: Vec::new(),
             free: Vec::new(),
@@ -84,6 +87,7 @@ impl State {
             idle_tail: NIL,
             track_idle,
             max_queued_output,
+            format,
             current: (0, NIL),
             lingering: VecDeque::new(),
             close_timeout,
@@ -319,11 +323,12 @@ impl State {
             _ => *self.ids.get(&id).ok_or_else(|| Error::no_conn(id))?,
         };
         let limit = self.max_queued_output;
+        let fmt = self.format;
         let c = self.get_id(slot, id).ok_or_else(|| Error::no_conn(id))?;
         if !c.takes_frames() || c.shared.close_requested.load(Ordering::Acquire) {
             return Err(Error::no_conn(id));
         }
-        let n = encoded_len(payload.len());
+        let n = encoded_len(fmt, payload.len());
         if c.shared.reserve(n, limit).is_err() {
             self.watch_writable(slot, id);
             return Err(full_error(id, payload.len(), limit));

@@ -151,6 +151,44 @@ pub unsafe extern "C" fn tf_config_set_max_buffered(cfg: *mut tf_config, bytes: 
     })
 }
 
+/// TF_PREFIX_* flag: the length is big-endian (network byte order: DNS over
+/// TCP, Thrift framed, Kafka, Erlang {packet,N}).
+pub const TF_PREFIX_BIG_ENDIAN: u32 = 1;
+/// TF_PREFIX_* flag: the length counts the prefix bytes too.
+pub const TF_PREFIX_INCLUDES_ITSELF: u32 = 2;
+
+const _: () = {
+    assert!(crate::frame::BIG_ENDIAN == TF_PREFIX_BIG_ENDIAN);
+    assert!(crate::frame::INCLUDES_ITSELF == TF_PREFIX_INCLUDES_ITSELF);
+};
+
+/// Sets the length prefix, for both directions and every connection of the
+/// server (outbound ones too): `width` 1, 2, 4 or 8 bytes, `flags` a
+/// combination of TF_PREFIX_BIG_ENDIAN and TF_PREFIX_INCLUDES_ITSELF.
+/// Default: width 4, flags 0 (little-endian, payload length only).
+/// Examples: DNS over TCP (2, TF_PREFIX_BIG_ENDIAN); Thrift framed and Kafka
+/// (4, TF_PREFIX_BIG_ENDIAN); Erlang {packet,1|2|4} (N, TF_PREFIX_BIG_ENDIAN).
+///
+/// The largest payload is then min(max frame, C), C being what the prefix can
+/// express: 2^(8*width) - 1 (255, 65535, 2^32 - 1, 2^64 - 1), or that minus
+/// the width with TF_PREFIX_INCLUDES_ITSELF. tf_send of more is
+/// TF_ERR_TOO_LARGE; a peer announcing more is closed with
+/// TF_CLOSE_TOO_LARGE. With TF_PREFIX_INCLUDES_ITSELF, a prefix value smaller
+/// than the width is impossible: that connection is closed with
+/// TF_CLOSE_PROTOCOL.
+///
+/// Returns TF_OK; TF_ERR_INVALID for another width or an unknown flag bit
+/// (the configuration is then unchanged), or NULL `cfg`.
+///
+/// **Thread:** any thread, one at a time per configuration.
+#[no_mangle]
+pub unsafe extern "C" fn tf_config_set_prefix(cfg: *mut tf_config, width: u32, flags: u32) -> i32 {
+    guard(|| {
+        // SAFETY: `cfg` is NULL or a live tf_config.
+        unsafe { arg_mut(cfg, "cfg")? }.inner.set_prefix(width, flags)
+    })
+}
+
 /// Chooses the event-loop backend: TF_BACKEND_AUTO (default), TF_BACKEND_POLL
 /// or TF_BACKEND_EPOLL (Linux only). Any other value is TF_ERR_INVALID.
 ///

@@ -61,6 +61,12 @@ pub const TF_CLOSE_IO: i32 = 3;
 pub const TF_CLOSE_TOO_LARGE: i32 = 4;
 /// on_close reason: no complete frame was received within the idle timeout.
 pub const TF_CLOSE_IDLE: i32 = 5;
+/// on_close reason: the peer broke the framing rules (an impossible length)
+/// or sent a bad PROXY header.
+pub const TF_CLOSE_PROTOCOL: i32 = 6;
+/// on_close reason: an outbound connection (tf_connect) could not be
+/// established (refused, unreachable, no answer within the connect timeout).
+pub const TF_CLOSE_CONNECT_FAILED: i32 = 7;
 /// on_close reason: queued output stayed above the slow-consumer limit too
 /// long (tf_config_set_slow_consumer()).
 pub const TF_CLOSE_SLOW: i32 = 8;
@@ -102,6 +108,8 @@ const _: () = {
     assert!(CloseReason::Idle as i32 == TF_CLOSE_IDLE);
     assert!(CloseReason::Overload as i32 == TF_CLOSE_OVERLOAD);
     assert!(CloseReason::Slow as i32 == TF_CLOSE_SLOW);
+    assert!(CloseReason::Protocol as i32 == TF_CLOSE_PROTOCOL);
+    assert!(CloseReason::ConnectFailed as i32 == TF_CLOSE_CONNECT_FAILED);
     assert!(LogLevel::Error as i32 == TF_LOG_ERROR && LogLevel::Debug as i32 == TF_LOG_DEBUG);
 };
 

@@ -46,7 +46,8 @@ impl Server {
         let shared = Arc::new(Shared {
             epoch,
             track_writable: config.writable_events,
-            max_frame: config.max_frame,
+            max_frame: config.effective_max_frame(),
+            format: config.prefix,
             max_queued_output: config.max_queued_output,
             stopping: AtomicBool::new(false),
             silent: AtomicBool::new(false),
