@@ -462,9 +462,25 @@ struct tf_config *tf_config_new(void);
 void tf_config_free(struct tf_config *cfg);
 
 /**
- * Sets the listening address: "IPv4:PORT" or "[IPv6]:PORT", for example
- * "127.0.0.1:5882" (default), "0.0.0.0:9000", "[::1]:0". Port 0 picks a
- * free port (see tf_server_port()). Host names are not resolved.
+ * Sets the listening address:
+ * - "IPv4:PORT" or "[IPv6]:PORT", for example "127.0.0.1:5882" (default),
+ *   "0.0.0.0:9000", "[::1]:0"; port 0 picks a free port (see
+ *   tf_server_port()). Host names are not resolved.
+ * - "unix:/path/name.sock": a Unix stream socket at that path (at most 107
+ *   bytes). An existing path is replaced only when it is a socket no process
+ *   listens on (left by a dead process); a live socket or any other file
+ *   there makes tf_server_start fail with TF_ERR_IO, and nothing is deleted.
+ *   tf_server_stop (or tf_server_drain) removes the file the server created.
+ *   The peer text of its connections is "unix:pid=PID,uid=UID,gid=GID"
+ *   (SO_PEERCRED), so on_connect can refuse by user.
+ * - "unix:@name": a Linux abstract Unix socket (no file; at most 107 bytes).
+ * - "fd:N": listen on descriptor N, an already bound and listening stream
+ *   socket inherited from the parent (systemd socket activation, inetd-style
+ *   supervisors). Not one: TF_ERR_INVALID at start, and the descriptor is
+ *   left open, still the caller's. After a successful start the server owns
+ *   it and closes it at stop.
+ * - "none": no listener; the server only makes outbound connections
+ *   (tf_connect()).
  *
  * Returns TF_OK, or TF_ERR_INVALID for NULL or an unparsable address
  * (the configuration is then unchanged).
@@ -551,6 +567,24 @@ int32_t tf_config_set_max_buffered(struct tf_config *cfg, uint64_t bytes);
  * **Thread:** any thread, one at a time per configuration.
  */
 int32_t tf_config_set_prefix(struct tf_config *cfg, uint32_t width, uint32_t flags);
+
+/**
+ * Sets the permission bits of the Unix socket file (e.g. 0660), applied
+ * before the first connection can arrive. Default: what the umask gives.
+ * Above 0777 is TF_ERR_INVALID. No effect on other transports.
+ *
+ * **Thread:** any thread, one at a time per configuration.
+ */
+int32_t tf_config_set_unix_mode(struct tf_config *cfg, uint32_t mode);
+
+/**
+ * Sets how long an outbound connection (tf_connect()) may take to be
+ * established before it fails with TF_CLOSE_CONNECT_FAILED. Default 10000;
+ * 0 is TF_ERR_INVALID.
+ *
+ * **Thread:** any thread, one at a time per configuration.
+ */
+int32_t tf_config_set_connect_timeout_ms(struct tf_config *cfg, uint32_t ms);
 
 /**
  * Chooses the event-loop backend: TF_BACKEND_AUTO (default), TF_BACKEND_POLL
@@ -691,6 +725,33 @@ int32_t tf_config_set_slow_consumer(struct tf_config *cfg, uint64_t soft_bytes, 
  * **Ownership:** `*out` is the caller's; written only on success.
  */
 int32_t tf_conn_get_info(const struct tf_server *srv, tf_conn_id conn, struct tf_conn_info *out);
+
+/**
+ * Starts an outbound connection to `addr` ("IPv4:PORT", "[IPv6]:PORT",
+ * "unix:/path" or "unix:@name"; host names are not resolved) from the
+ * server's loop, and returns at once with its id in `*out`. Once
+ * established it is like an accepted connection: on_connect(conn, peer)
+ * with `peer` the address as connected to ("127.0.0.1:7000", "[::1]:7000",
+ * "unix:/path", "unix:@name"; its return value is ignored), its idle clock
+ * starting there, on_message per frame, tf_send, tf_conn_close, limits,
+ * framing, and exactly one on_close. If it cannot be established (refused,
+ * unreachable, a missing Unix path, no answer within the connect timeout)
+ * on_close(conn, TF_CLOSE_CONNECT_FAILED) follows and on_connect never
+ * runs. Frames passed to tf_send before it is established are queued
+ * (within max queued output) and written once it is; dropped if it fails.
+ * tf_conn_close before it is established abandons it (on_close with
+ * TF_CLOSE_LOCAL). It counts in connections_active while established,
+ * never in connections_accepted; while being established it counts toward
+ * max connections.
+ *
+ * Returns TF_OK; TF_ERR_INVALID for NULL pointers or an address that does
+ * not parse; TF_ERR_FULL when max connections is reached; TF_ERR_STOPPED
+ * once stop has begun. Failing to reach the address is never a return code.
+ *
+ * **Thread:** any thread, including inside callbacks.
+ * **Ownership:** `addr` is copied; `*out` is written only on success.
+ */
+int32_t tf_connect(struct tf_server *srv, const char *addr, tf_conn_id *out);
 
 /**
  * Starts a server in pull mode: no callbacks; the host takes events with

@@ -3,11 +3,11 @@
 // Safe Rust only: unsafe code lives in src/ffi/ and src/sys/.
 #![forbid(unsafe_code)]
 
+use crate::addr::Address;
 use crate::error::{Error, Result};
 use crate::frame::Format;
 use crate::sys::Backend;
 use std::fmt;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// TF_LOG_* levels.
@@ -25,7 +25,11 @@ pub type LogSink = Arc<dyn Fn(LogLevel, &str) + Send + Sync>;
 
 #[derive(Clone)]
 pub struct Config {
-    pub address: SocketAddr,
+    pub address: Address,
+    /// Permission bits of a Unix socket file (None: what the umask gives).
+    pub unix_mode: Option<u32>,
+    /// How long tf_connect may take before TF_CLOSE_CONNECT_FAILED.
+    pub connect_timeout_ms: u32,
     pub max_connections: u32,
     pub max_frame: u32,
     pub idle_timeout_ms: u32,
@@ -51,7 +55,9 @@ pub const DEFAULT_ADDRESS: &str = "127.0.0.1:5882";
 impl Default for Config {
     fn default() -> Config {
         Config {
-            address: DEFAULT_ADDRESS.parse().expect("default address parses"),
+            address: Address::parse_listen(DEFAULT_ADDRESS).expect("default address parses"),
+            unix_mode: None,
+            connect_timeout_ms: 10_000,
             max_connections: 4096,
             max_frame: 8 * 1024 * 1024,
             idle_timeout_ms: 0,
@@ -71,6 +77,8 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("address", &self.address)
+            .field("unix_mode", &self.unix_mode)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("max_connections", &self.max_connections)
             .field("max_frame", &self.max_frame)
             .field("idle_timeout_ms", &self.idle_timeout_ms)
@@ -88,12 +96,24 @@ impl fmt::Debug for Config {
 
 impl Config {
     pub fn set_address(&mut self, text: &str) -> Result<()> {
-        let addr: SocketAddr = text.parse().map_err(|_| {
-            Error::invalid(format!(
-                "address {text:?} is not IP:PORT (for example \"127.0.0.1:5882\" or \"[::1]:0\")"
-            ))
-        })?;
-        self.address = addr;
+        self.address = Address::parse_listen(text)?;
+        Ok(())
+    }
+
+    /// Permission bits for a Unix socket file; above 0777 is refused.
+    pub fn set_unix_mode(&mut self, mode: u32) -> Result<()> {
+        if mode > 0o777 {
+            return Err(Error::invalid(format!("unix mode {mode:#o} is above 0777")));
+        }
+        self.unix_mode = Some(mode);
+        Ok(())
+    }
+
+    pub fn set_connect_timeout_ms(&mut self, ms: u32) -> Result<()> {
+        if ms == 0 {
+            return Err(Error::invalid("connect timeout must be at least 1 ms"));
+        }
+        self.connect_timeout_ms = ms;
         Ok(())
     }
 
@@ -226,13 +246,13 @@ mod tests {
     fn addresses_parse_for_both_families_and_garbage_is_refused() {
         let mut c = Config::default();
         c.set_address("[::1]:0").unwrap();
-        assert!(c.address.is_ipv6());
+        assert!(c.address.tcp().unwrap().is_ipv6());
         c.set_address("0.0.0.0:9000").unwrap();
-        assert_eq!(c.address.port(), 9000);
+        assert_eq!(c.address.tcp().unwrap().port(), 9000);
         for bad in ["", "127.0.0.1", "localhost:80", "1.2.3.4:99999", "[::1]", " 127.0.0.1:80"] {
             assert!(c.set_address(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(c.address.port(), 9000);
+        assert_eq!(c.address.tcp().unwrap().port(), 9000);
     }
 
     #[test]

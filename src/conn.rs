@@ -73,6 +73,8 @@ pub struct ConnShared {
     pub peer: OnceLock<Box<str>>,
     /// When it was accepted (or, outbound, when tf_connect was called).
     pub born: Instant,
+    /// Made by tf_connect.
+    pub outbound: AtomicBool,
 }
 
 impl Default for ConnShared {
@@ -102,6 +104,7 @@ impl ConnShared {
             frames_sent: AtomicU64::new(0),
             peer: OnceLock::new(),
             born,
+            outbound: AtomicBool::new(false),
         }
     }
 
@@ -167,6 +170,11 @@ pub struct Conn {
     pub stash: Vec<u8>,
     /// Since when queued output has been above the slow-consumer limit.
     pub above_since: Option<Instant>,
+    /// Outbound, and the connect has not completed: nothing is read or
+    /// written yet (frames sent meanwhile wait in `out`).
+    pub connecting: bool,
+    /// The host was told about it (on_connect): on_close will follow.
+    pub announced: bool,
     /// A partial write left bytes behind: watch for writability.
     pub want_write: bool,
     /// In the loop's dirty list (to be flushed this iteration).
@@ -186,10 +194,22 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(id: u64, fd: OwnedFd, max_frame: u32, fmt: Format, now: Instant) -> Conn {
+        Conn::with_shared(id, fd, max_frame, fmt, now, Arc::new(ConnShared::new(now)))
+    }
+
+    /// A connection whose shared half exists already (tf_connect made it).
+    pub fn with_shared(
+        id: u64,
+        fd: OwnedFd,
+        max_frame: u32,
+        fmt: Format,
+        now: Instant,
+        shared: Arc<ConnShared>,
+    ) -> Conn {
         Conn {
             id,
             fd,
-            shared: Arc::new(ConnShared::new(now)),
+            shared,
             decoder: Decoder::with_format(max_frame, fmt),
             buffered: 0,
             out: OutQueue::new(fmt),
@@ -200,6 +220,8 @@ impl Conn {
             host_paused: false,
             stash: Vec::new(),
             above_since: None,
+            connecting: false,
+            announced: false,
             want_write: false,
             dirty: false,
             in_closing_list: false,
@@ -292,7 +314,8 @@ impl Conn {
     pub fn ready_to_close(&self) -> bool {
         match self.phase {
             Phase::Open => false,
-            Phase::Closing { flush, .. } => !flush || !self.has_output(),
+            // A connect not yet done is abandoned, whatever is queued.
+            Phase::Closing { flush, .. } => !flush || !self.has_output() || self.connecting,
         }
     }
 
@@ -344,6 +367,9 @@ impl Conn {
 
     /// What the poller should watch for this connection now.
     pub fn wanted_interest(&self) -> Interest {
+        if self.connecting {
+            return Interest { read: false, write: true };
+        }
         Interest {
             read: !self.eof && !self.paused && !self.host_paused,
             write: self.want_write && self.has_output(),

@@ -6,6 +6,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod addr;
 pub mod config;
 pub mod conn;
 pub mod error;

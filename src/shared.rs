@@ -5,6 +5,7 @@
 // Safe Rust only: unsafe code lives in src/ffi/ and src/sys/.
 #![forbid(unsafe_code)]
 
+use crate::addr::Address;
 use crate::conn::{encoded_len, ConnShared, CLOSED, GONE, OPEN};
 use crate::error::{Code, Error, Result};
 use crate::frame::Format;
@@ -12,7 +13,7 @@ use crate::outq::{Frame, OutOfMemory, OutQueue};
 use crate::sys::Waker;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -99,6 +100,8 @@ pub const CMD_PAUSE: u8 = 4;
 pub const CMD_RESUME: u8 = 5;
 /// A host thread got TF_ERR_FULL: watch the connection for room.
 pub const CMD_WATCH: u8 = 6;
+/// tf_connect: start connecting (the address is in `Inbox::connects`).
+pub const CMD_CONNECT: u8 = 7;
 
 /// What host threads hand to the loop, under one mutex.
 ///
@@ -118,6 +121,8 @@ pub struct Inbox {
     pub cmds: Vec<(u8, u64)>,
     /// Frames sent by host threads, per connection, not yet applied.
     pub pending: IdMap<OutQueue>,
+    /// Where tf_connect's connections go, until the loop starts them.
+    pub connects: IdMap<Address>,
     /// Set once by tf_server_stop: when the drain ends.
     pub stop_deadline: Option<Instant>,
 }
@@ -172,6 +177,11 @@ pub struct Shared {
     /// A handle freed while its loop thread could still be running host code
     /// that uses it: the loop thread drops it when it ends.
     pub deferred: Mutex<(bool, Option<Box<dyn Send>>)>,
+    /// The next connection id, for accepts and tf_connect alike.
+    pub next_id: AtomicU64,
+    /// Connections open or being established, against max connections.
+    pub conns: AtomicUsize,
+    pub max_connections: usize,
 }
 
 impl Shared {
@@ -242,7 +252,9 @@ impl Shared {
         if conn.reserve(n, self.max_queued_output).is_err() {
             if self.track_writable && !conn.want_writable.swap(true, Ordering::AcqRel) {
                 // The loop watches it from now on (it alone knows when it drains).
-                let _ = inbox.push_cmd(CMD_WATCH, id);
+                if inbox.push_cmd(CMD_WATCH, id).is_ok() {
+                    self.wake();
+                }
             }
             return Err(full_error(id, payload.len(), self.max_queued_output));
         }
@@ -301,6 +313,54 @@ impl Shared {
 }
 
 impl Shared {
+    /// Counts a new connection against max connections; false when full.
+    pub fn take_conn_slot(&self) -> bool {
+        self.conns
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_connections).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// A connection counted by `take_conn_slot` is gone.
+    pub fn give_conn_slot(&self) {
+        self.conns.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// tf_connect: the connection exists (the host may send to it) from
+    /// here on; the loop starts connecting within one iteration.
+    pub(crate) fn connect(&self, addr: Address) -> Result<u64> {
+        let mut inbox = self.lock_inbox();
+        if inbox.stop_deadline.is_some() {
+            return Err(Error::stopped());
+        }
+        if inbox.cmds.try_reserve(1).is_err()
+            || inbox.connects.try_reserve(1).is_err()
+            || inbox.registry.try_reserve(1).is_err()
+        {
+            return Err(Error::new(Code::Full, "no memory for a new connection"));
+        }
+        if !self.take_conn_slot() {
+            return Err(Error::new(
+                Code::Full,
+                format!(
+                    "max connections ({}) reached, counting connections being established",
+                    self.max_connections
+                ),
+            ));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::AcqRel);
+        let conn = Arc::new(ConnShared::new(Instant::now()));
+        let _ = conn.peer.set(addr.to_string().into());
+        conn.outbound.store(true, Ordering::Release);
+        inbox.registry.insert(id, conn);
+        inbox.connects.insert(id, addr);
+        inbox.cmds.push((CMD_CONNECT, id));
+        drop(inbox);
+        self.wake();
+        Ok(id)
+    }
+
     /// tf_conn_pause / tf_conn_resume from a thread that is not the loop's:
     /// applied within one loop iteration.
     pub(crate) fn pause_from_host(&self, id: u64, pause: bool) -> Result<()> {
@@ -309,7 +369,9 @@ impl Shared {
             return Err(Error::stopped());
         }
         match inbox.registry.get(&id) {
-            Some(c) if c.is_live() => {}
+            // Visible at once (tf_conn_get_info, and delivery stops after the
+            // frame being delivered); the loop applies the rest in order.
+            Some(c) if c.is_live() => c.paused.store(pause, Ordering::Release),
             _ => return Err(Error::no_conn(id)),
         }
         let kind = if pause { CMD_PAUSE } else { CMD_RESUME };

@@ -94,10 +94,10 @@ impl<H: Handler> EventLoop<H> {
             bump(&stats.connections_rejected, 1);
             return;
         }
-        if self.state.borrow().len() >= self.max_connections {
+        if !self.shared.take_conn_slot() {
             drop(a);
             bump(&stats.connections_rejected, 1);
-            let max = self.max_connections;
+            let max = self.shared.max_connections;
             self.log.log(Topic::Limit, LogLevel::Warn, || {
                 format!("tcpframe: max connections ({max}) reached: a new connection was closed")
             });
@@ -105,21 +105,28 @@ impl<H: Handler> EventLoop<H> {
         }
         let fd = sys::raw(&a.fd);
         debug_assert!(sys::nodelay(fd).unwrap_or(true), "TCP_NODELAY is inherited from the listener");
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.shared.next_id.fetch_add(1, Ordering::AcqRel);
         // Its idle clock starts now, however long this iteration has run.
         let conn = Conn::new(id, a.fd, self.max_frame, self.format, Instant::now());
         let cshared = conn.shared.clone();
         let slot = self.state.borrow_mut().insert(conn);
         if let Err(e) = self.poller.add(fd, slot as usize + FIRST_CONN, Interest::READ) {
             self.state.borrow_mut().remove(slot);
+            self.shared.give_conn_slot();
             bump(&stats.connections_rejected, 1);
             self.log.log(Topic::Internal, LogLevel::Error, || {
                 format!("tcpframe: cannot watch a new connection: {e}")
             });
             return;
         }
-        let peer = a.peer.map_or_else(|| String::from("unknown"), |p| p.to_string());
+        let peer = match a.peer {
+            Some(p) => p.to_string(),
+            // A Unix socket: who is calling, as the kernel says.
+            None => match sys::peer_cred(fd) {
+                Ok((pid, uid, gid)) => format!("unix:pid={pid},uid={uid},gid={gid}"),
+                Err(_) => String::from("unix:unknown"),
+            },
+        };
         let _ = cshared.peer.set(peer.as_str().into());
         self.shared.lock_inbox().registry.insert(id, cshared);
         // Counted as active while on_connect runs (stats before callbacks);
@@ -127,12 +134,16 @@ impl<H: Handler> EventLoop<H> {
         bump(&self.shared.stats.connections_active, 1);
         if self.handler.on_connect(id, &peer) {
             bump(&self.shared.stats.connections_accepted, 1);
+            if let Some(c) = self.state.borrow_mut().get_id(slot, id) {
+                c.announced = true;
+            }
         } else {
             drop_count(&self.shared.stats.connections_active, 1);
             self.shared.lock_inbox().registry.remove(&id);
             if let Some(mut conn) = self.state.borrow_mut().remove(slot) {
                 self.poller.delete(fd, slot as usize + FIRST_CONN);
                 conn.discard_output();
+                self.shared.give_conn_slot();
             }
             bump(&self.shared.stats.connections_rejected, 1);
         }

@@ -14,7 +14,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// A connection just closed: its id, the reason reported, its shared half.
-type Closed = (u64, CloseReason, Arc<ConnShared>);
+pub(crate) struct Closed {
+    pub id: u64,
+    pub reason: CloseReason,
+    pub shared: Arc<ConnShared>,
+    /// The host was told of it (on_connect ran and said yes): it counted as
+    /// active. Outbound connections that never connected get on_close too.
+    pub announced: bool,
+    pub outbound: bool,
+}
 
 impl<H: Handler> EventLoop<H> {
     pub(super) fn expire_idle(&mut self, now: Instant) {
@@ -104,42 +112,47 @@ impl<H: Handler> EventLoop<H> {
         }
         conn.discard_output();
         let reason = conn.reported_reason(self.shared.stopping.load(Ordering::Acquire));
-        (conn.id, reason, conn.shared.clone()) // dropping `conn` closes the descriptor
+        self.shared.give_conn_slot();
+        let outbound = conn.shared.outbound.load(Ordering::Relaxed);
+        Closed { id: conn.id, reason, shared: conn.shared.clone(), announced: conn.announced, outbound }
+        // dropping `conn` closes the descriptor
     }
 
     /// Tells the host. From here every call naming these connections is
     /// TF_ERR_NO_CONN; their user data stays readable until on_close has
     /// returned (in pull mode, until the host's next poll after the CLOSE).
-    fn report_closed(&mut self, done: Vec<Closed>) {
+    pub(super) fn report_closed(&mut self, done: Vec<Closed>) {
         if done.is_empty() {
             return;
         }
-        for (_, _, shared) in &done {
-            shared.closing.store(CLOSED, Ordering::Release);
+        for c in &done {
+            c.shared.closing.store(CLOSED, Ordering::Release);
         }
         let stats = &self.shared.stats;
-        drop_count(&stats.connections_active, done.len() as u64);
-        for &(_, reason, _) in &done {
-            match reason {
+        drop_count(&stats.connections_active, done.iter().filter(|c| c.announced).count() as u64);
+        for c in done.iter().filter(|c| c.announced || c.outbound) {
+            match c.reason {
                 CloseReason::TooLarge => bump(&stats.closed_too_large, 1),
                 CloseReason::Idle => bump(&stats.closed_idle, 1),
                 _ => {}
             }
         }
-        let ids: Vec<u64> = done.iter().map(|&(id, _, _)| id).collect();
-        self.state.borrow_mut().reporting = done.iter().map(|(id, _, s)| (*id, s.clone())).collect();
-        for (id, reason, _) in done {
+        // Never announced (a PROXY header that never came): rejected, silently.
+        let unannounced = done.iter().filter(|c| !c.announced && !c.outbound).count() as u64;
+        bump(&stats.connections_rejected, unannounced);
+        self.state.borrow_mut().reporting = done.iter().map(|c| (c.id, c.shared.clone())).collect();
+        let forgets = self.handler.forgets_at_close();
+        for c in &done {
+            let told = c.announced || c.outbound;
             // Re-checked each time: a callback may free the server.
-            if self.shared.silent.load(Ordering::Acquire) {
-                break;
+            if told && !self.shared.silent.load(Ordering::Acquire) {
+                self.handler.on_close(c.id, c.reason);
             }
-            self.handler.on_close(id, reason);
-        }
-        self.state.borrow_mut().reporting.clear();
-        if self.handler.forgets_at_close() {
-            let mut inbox = self.shared.lock_inbox();
-            for id in &ids {
-                inbox.registry.remove(id);
+            // Its on_close has returned: the host can no longer name it (in
+            // pull mode, from the poll after the one that returns its CLOSE).
+            self.state.borrow_mut().reporting.retain(|(id, _)| *id != c.id);
+            if forgets || !told {
+                self.shared.lock_inbox().registry.remove(&c.id);
             }
         }
     }

@@ -5,7 +5,7 @@
 
 use super::{EventLoop, Handler, APPLY_CHECK_BYTES, LISTENER};
 use crate::conn::CloseReason;
-use crate::shared::CMD_SEND;
+use crate::shared::{CMD_CONNECT, CMD_SEND};
 use crate::sys::{self, Interest};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -23,12 +23,19 @@ impl<H: Handler> EventLoop<H> {
             let mut inbox = self.shared.lock_inbox();
             std::mem::swap(&mut inbox.cmds, &mut self.cmds);
             std::mem::swap(&mut inbox.pending, &mut self.pending);
+            std::mem::swap(&mut inbox.connects, &mut self.connects);
             inbox.stop_deadline
         };
         let mut give_up_at = stop;
         let mut since_check = 0usize;
         let cmds = std::mem::take(&mut self.cmds);
         for &(kind, id) in &cmds {
+            if kind == CMD_CONNECT {
+                if let Some(addr) = self.connects.remove(&id) {
+                    self.guarded(None, |lp| lp.start_connect(id, &addr));
+                }
+                continue;
+            }
             let frames = if kind == CMD_SEND { self.pending.remove(&id) } else { None };
             since_check += frames.as_ref().map_or(0, |q| q.unsent());
             self.state.borrow_mut().apply(kind, id, frames);
@@ -60,9 +67,7 @@ impl<H: Handler> EventLoop<H> {
     /// until the deadline; every connection will close as a shutdown.
     fn begin_shutdown(&mut self, deadline: Instant) {
         self.shutdown_deadline = Some(deadline);
-        if let Some(l) = self.listener.take() {
-            self.poller.delete(sys::raw(&l), LISTENER);
-        }
+        self.close_listener();
         self.spare_fd = None;
         self.accept_paused_until = None;
         let mut st = self.state.borrow_mut();
@@ -93,6 +98,18 @@ impl<H: Handler> EventLoop<H> {
             if let Some(l) = &self.listener {
                 let _ = self.poller.modify(sys::raw(l), LISTENER, Interest::READ);
             }
+        }
+    }
+
+    /// Stops listening (stop or drain): the descriptor is closed, so that
+    /// another server may bind the address at once, and a Unix socket file
+    /// we created is removed.
+    pub(super) fn close_listener(&mut self) {
+        if let Some(l) = self.listener.take() {
+            self.poller.delete(sys::raw(&l), LISTENER);
+        }
+        if let Some(f) = self.socket_file.take() {
+            sys::remove_socket_file(&f);
         }
     }
 }

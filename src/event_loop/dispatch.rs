@@ -94,9 +94,19 @@ impl<H: Handler> EventLoop<H> {
     /// iteration) and delivers every whole frame.
     pub(super) fn read_ready(&mut self, slot: u32) {
         let (fd, id, reading, paused) = {
-            let st = self.state.borrow();
+            let mut st = self.state.borrow_mut();
             let Some(c) = st.get(slot) else { return };
             if c.eof {
+                return;
+            }
+            if !c.stash.is_empty() {
+                // Bytes a pause held back go first: no new read before them.
+                if !c.host_paused {
+                    let id = c.id;
+                    if !st.resumed.contains(&(slot, id)) {
+                        st.resumed.push((slot, id));
+                    }
+                }
                 return;
             }
             let reading = c.is_reading() && !c.shared.close_requested.load(Ordering::Acquire);

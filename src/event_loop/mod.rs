@@ -11,6 +11,7 @@
 mod accept;
 mod close;
 mod commands;
+mod connect;
 mod control;
 mod dispatch;
 mod local;
@@ -24,17 +25,17 @@ pub use local::{current_loop, local_abort, local_close, local_send, on_any_loop_
 pub use start::Starter;
 pub use state::{State, StateConfig};
 
+use crate::addr::Address;
 use crate::config::LogLevel;
 use crate::conn::CloseReason;
 use crate::frame::Format;
 use crate::outq::OutQueue;
 use crate::shared::{IdMap, Shared};
-use crate::sys::{Backend, Event, Poller};
+use crate::sys::{self, Backend, Event, Poller};
 use log::{Logger, Topic};
 use std::cell::RefCell;
 use std::fs::File;
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
@@ -116,7 +117,10 @@ pub struct EventLoop<H: Handler> {
     state: Rc<RefCell<State>>,
     poller: Poller,
     listener: Option<OwnedFd>,
-    local: SocketAddr,
+    /// The socket file this server created (removed when the listener goes).
+    socket_file: Option<sys::SocketFile>,
+    /// The listening address, as the host gave it (for the log).
+    address: String,
     backend: Backend,
     handler: H,
     scratch: Vec<u8>,
@@ -124,8 +128,9 @@ pub struct EventLoop<H: Handler> {
     /// The loop's halves of the inbox's double buffers (see drain_inbox).
     cmds: Vec<(u8, u64)>,
     pending: IdMap<OutQueue>,
-    next_id: u64,
-    max_connections: usize,
+    connects: IdMap<Address>,
+    /// How long a tf_connect may take.
+    connect_timeout: Duration,
     max_frame: u32,
     format: Format,
     /// Budget for all partial inbound frames together.
@@ -198,6 +203,7 @@ impl<H: Handler> EventLoop<H> {
             self.resume_accept(now);
             self.expire_idle(now);
             self.expire_lingering(now);
+            self.expire_connects(now);
             // Frames queued and closes requested from on_close go out now,
             // not at some later unrelated event.
             for _ in 0..FLUSH_PASSES {
@@ -292,6 +298,9 @@ impl<H: Handler> EventLoop<H> {
             consider(d);
         }
         if let Some(d) = st.next_slow_deadline() {
+            consider(d);
+        }
+        if let Some(&(d, _, _)) = st.connect_deadlines.front() {
             consider(d);
         }
         match next {

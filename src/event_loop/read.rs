@@ -53,6 +53,9 @@ impl<H: Handler> EventLoop<H> {
     }
 
     pub(super) fn conn_event(&mut self, slot: u32, ev: &Event) {
+        if self.state.borrow().get(slot).is_some_and(|c| c.connecting) {
+            return self.connect_event(slot);
+        }
         if ev.readable || ev.error {
             self.read_ready(slot);
         }

@@ -8,11 +8,10 @@ use super::log::{Logger, Topic};
 use super::{EventLoop, Handler, State, StateConfig, SCRATCH};
 use crate::config::{Config, LogLevel, LogSink};
 use crate::frame::Format;
+use crate::server::Listening;
 use crate::shared::Shared;
 use crate::sys::{Backend, Poller};
 use std::cell::RefCell;
-use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,19 +23,17 @@ impl<H: Handler> Starter<H> {
         config: &Config,
         shared: Arc<Shared>,
         poller: Poller,
-        listener: OwnedFd,
-        local: SocketAddr,
+        listening: Listening,
         backend: Backend,
         handler: H,
     ) -> Starter<H> {
         Starter {
             shared,
             poller,
-            listener,
-            local,
+            listening,
             backend,
             handler,
-            max_connections: config.max_connections as usize,
+            connect_timeout: Duration::from_millis(config.connect_timeout_ms as u64),
             max_frame: config.effective_max_frame(),
             format: config.prefix,
             max_queued_output: config.max_queued_output,
@@ -55,11 +52,10 @@ impl<H: Handler> Starter<H> {
 pub struct Starter<H: Handler> {
     shared: Arc<Shared>,
     poller: Poller,
-    listener: OwnedFd,
-    local: SocketAddr,
+    listening: Listening,
     backend: Backend,
     handler: H,
-    max_connections: usize,
+    connect_timeout: Duration,
     max_frame: u32,
     format: Format,
     max_queued_output: u64,
@@ -86,16 +82,17 @@ impl<H: Handler> Starter<H> {
             shared: self.shared.clone(),
             state: state.clone(),
             poller: self.poller,
-            listener: Some(self.listener),
-            local: self.local,
+            listener: self.listening.fd,
+            socket_file: self.listening.file,
+            address: self.listening.text,
             backend: self.backend,
             handler: self.handler,
             scratch: vec![0u8; SCRATCH],
             events: Vec::with_capacity(256),
             cmds: Vec::new(),
+            connects: Default::default(),
+            connect_timeout: self.connect_timeout,
             pending: Default::default(),
-            next_id: 1,
-            max_connections: self.max_connections,
             max_frame: self.max_frame,
             format: self.format,
             max_buffered: self.max_buffered,
@@ -112,9 +109,10 @@ impl<H: Handler> Starter<H> {
         CURRENT.with(|c| {
             *c.borrow_mut() = Some(Link { shared: Arc::as_ptr(&lp.shared), epoch: lp.shared.epoch, state });
         });
-        let (local, backend) = (lp.local, lp.backend);
+        let backend = lp.backend;
+        let address = lp.address.clone();
         lp.log.log(Topic::Lifecycle, LogLevel::Info, || {
-            format!("tcpframe: listening on {local} ({backend:?} backend)")
+            format!("tcpframe: listening on {address} ({backend:?} backend)")
         });
         if lp.spare_fd.is_none() {
             lp.log.log(Topic::Accept, LogLevel::Warn, || {

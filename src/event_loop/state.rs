@@ -61,6 +61,9 @@ pub struct State {
     pub(super) slow: Option<(u64, Duration)>,
     /// Connections above the soft limit: (slot, id).
     pub(super) slow_watch: Vec<(u32, u64)>,
+    /// Outbound connects in progress, by deadline (one timeout for all):
+    /// (deadline, slot, id).
+    pub(super) connect_deadlines: VecDeque<(Instant, u32, u64)>,
 }
 
 /// The limits State enforces, from the configuration.
@@ -99,6 +102,7 @@ impl State {
             writable_watch: Vec::new(),
             slow,
             slow_watch: Vec::new(),
+            connect_deadlines: VecDeque::new(),
         }
     }
 

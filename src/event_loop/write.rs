@@ -32,7 +32,7 @@ impl<H: Handler> EventLoop<H> {
         let mut st = self.state.borrow_mut();
         let Some(c) = st.get_mut(slot) else { return };
         c.dirty = false;
-        if !c.has_output() {
+        if !c.has_output() || c.connecting {
             return;
         }
         let fd = sys::raw(&c.fd);

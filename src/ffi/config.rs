@@ -53,9 +53,25 @@ pub unsafe extern "C" fn tf_config_free(cfg: *mut tf_config) {
     });
 }
 
-/// Sets the listening address: "IPv4:PORT" or "[IPv6]:PORT", for example
-/// "127.0.0.1:5882" (default), "0.0.0.0:9000", "[::1]:0". Port 0 picks a
-/// free port (see tf_server_port()). Host names are not resolved.
+/// Sets the listening address:
+/// - "IPv4:PORT" or "[IPv6]:PORT", for example "127.0.0.1:5882" (default),
+///   "0.0.0.0:9000", "[::1]:0"; port 0 picks a free port (see
+///   tf_server_port()). Host names are not resolved.
+/// - "unix:/path/name.sock": a Unix stream socket at that path (at most 107
+///   bytes). An existing path is replaced only when it is a socket no process
+///   listens on (left by a dead process); a live socket or any other file
+///   there makes tf_server_start fail with TF_ERR_IO, and nothing is deleted.
+///   tf_server_stop (or tf_server_drain) removes the file the server created.
+///   The peer text of its connections is "unix:pid=PID,uid=UID,gid=GID"
+///   (SO_PEERCRED), so on_connect can refuse by user.
+/// - "unix:@name": a Linux abstract Unix socket (no file; at most 107 bytes).
+/// - "fd:N": listen on descriptor N, an already bound and listening stream
+///   socket inherited from the parent (systemd socket activation, inetd-style
+///   supervisors). Not one: TF_ERR_INVALID at start, and the descriptor is
+///   left open, still the caller's. After a successful start the server owns
+///   it and closes it at stop.
+/// - "none": no listener; the server only makes outbound connections
+///   (tf_connect()).
 ///
 /// Returns TF_OK, or TF_ERR_INVALID for NULL or an unparsable address
 /// (the configuration is then unchanged).
@@ -186,6 +202,32 @@ pub unsafe extern "C" fn tf_config_set_prefix(cfg: *mut tf_config, width: u32, f
     guard(|| {
         // SAFETY: `cfg` is NULL or a live tf_config.
         unsafe { arg_mut(cfg, "cfg")? }.inner.set_prefix(width, flags)
+    })
+}
+
+/// Sets the permission bits of the Unix socket file (e.g. 0660), applied
+/// before the first connection can arrive. Default: what the umask gives.
+/// Above 0777 is TF_ERR_INVALID. No effect on other transports.
+///
+/// **Thread:** any thread, one at a time per configuration.
+#[no_mangle]
+pub unsafe extern "C" fn tf_config_set_unix_mode(cfg: *mut tf_config, mode: u32) -> i32 {
+    guard(|| {
+        // SAFETY: `cfg` is NULL or a live tf_config.
+        unsafe { arg_mut(cfg, "cfg")? }.inner.set_unix_mode(mode)
+    })
+}
+
+/// Sets how long an outbound connection (tf_connect()) may take to be
+/// established before it fails with TF_CLOSE_CONNECT_FAILED. Default 10000;
+/// 0 is TF_ERR_INVALID.
+///
+/// **Thread:** any thread, one at a time per configuration.
+#[no_mangle]
+pub unsafe extern "C" fn tf_config_set_connect_timeout_ms(cfg: *mut tf_config, ms: u32) -> i32 {
+    guard(|| {
+        // SAFETY: `cfg` is NULL or a live tf_config.
+        unsafe { arg_mut(cfg, "cfg")? }.inner.set_connect_timeout_ms(ms)
     })
 }
 

@@ -283,3 +283,45 @@ pub unsafe extern "C" fn tf_conn_get_info(
         Ok(())
     })
 }
+
+/// Starts an outbound connection to `addr` ("IPv4:PORT", "[IPv6]:PORT",
+/// "unix:/path" or "unix:@name"; host names are not resolved) from the
+/// server's loop, and returns at once with its id in `*out`. Once
+/// established it is like an accepted connection: on_connect(conn, peer)
+/// with `peer` the address as connected to ("127.0.0.1:7000", "[::1]:7000",
+/// "unix:/path", "unix:@name"; its return value is ignored), its idle clock
+/// starting there, on_message per frame, tf_send, tf_conn_close, limits,
+/// framing, and exactly one on_close. If it cannot be established (refused,
+/// unreachable, a missing Unix path, no answer within the connect timeout)
+/// on_close(conn, TF_CLOSE_CONNECT_FAILED) follows and on_connect never
+/// runs. Frames passed to tf_send before it is established are queued
+/// (within max queued output) and written once it is; dropped if it fails.
+/// tf_conn_close before it is established abandons it (on_close with
+/// TF_CLOSE_LOCAL). It counts in connections_active while established,
+/// never in connections_accepted; while being established it counts toward
+/// max connections.
+///
+/// Returns TF_OK; TF_ERR_INVALID for NULL pointers or an address that does
+/// not parse; TF_ERR_FULL when max connections is reached; TF_ERR_STOPPED
+/// once stop has begun. Failing to reach the address is never a return code.
+///
+/// **Thread:** any thread, including inside callbacks.
+/// **Ownership:** `addr` is copied; `*out` is written only on success.
+#[no_mangle]
+pub unsafe extern "C" fn tf_connect(
+    srv: *mut tf_server,
+    addr: *const std::ffi::c_char,
+    out: *mut tf_conn_id,
+) -> i32 {
+    guard(|| {
+        // SAFETY: `srv` is NULL or a live tf_server.
+        let s = unsafe { server(srv)? };
+        let out = arg_out(out, "out")?;
+        // SAFETY: `addr` is NULL or a NUL-terminated string.
+        let addr = unsafe { super::arg_str(addr, "addr")? };
+        let id = s.inner.connect(addr)?;
+        // SAFETY: `out` is non-NULL and writable.
+        unsafe { out.write(id) };
+        Ok(())
+    })
+}

@@ -236,6 +236,13 @@ impl Server {
         Ok(n)
     }
 
+    /// tf_connect: the new connection's id; it connects from the loop.
+    pub fn connect(&self, addr: &str) -> Result<u64> {
+        self.check_live()?;
+        let addr = crate::addr::Address::parse_connect(addr)?;
+        self.shared.connect(addr)
+    }
+
     /// tf_conn_get_info.
     pub fn conn_info(&self, id: u64) -> Result<ConnInfo> {
         self.check_process()?;
@@ -247,7 +254,7 @@ impl Server {
             frames_sent: c.frames_sent.load(Ordering::Relaxed),
             queued_output: c.queued.load(Ordering::Relaxed),
             age_ms: c.born.elapsed().as_millis() as u64,
-            outbound: false,
+            outbound: c.outbound.load(Ordering::Relaxed),
             paused: c.paused.load(Ordering::Relaxed),
             thread: 0,
         })

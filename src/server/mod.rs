@@ -7,13 +7,15 @@
 
 mod calls;
 
+use crate::addr::Address;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::event_loop::{self, Handler, Starter};
 use crate::shared::{Inbox, Shared, Stats};
 use crate::sys::{self, Interest, Poller, Waker};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{IntoRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -24,7 +26,59 @@ pub struct Server {
     /// Holds the loop at its start until the host has its handle (see `open`).
     gate: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    local: SocketAddr,
+    /// The TCP address listened on (None for other transports).
+    local: Option<SocketAddr>,
+}
+
+/// A server's listening socket as it starts: the descriptor (None with
+/// address `none`), the socket file it created, and what to log.
+pub struct Listening {
+    pub fd: Option<OwnedFd>,
+    pub file: Option<sys::SocketFile>,
+    pub local: Option<SocketAddr>,
+    pub text: String,
+    /// fd:N: the host's descriptor, to be given back (left open) if the
+    /// start fails after all.
+    inherited: bool,
+}
+
+impl Listening {
+    /// Binds and listens as the address says.
+    fn open(config: &Config) -> Result<Listening> {
+        let text = config.address.to_string();
+        let listen_err = |e| Error::io(format!("listen on {text}"), e);
+        let (fd, file, inherited) = match &config.address {
+            Address::Tcp(a) => (Some(sys::listen(a, 1024).map_err(listen_err)?.0), None, false),
+            Address::Unix(name) => {
+                let (fd, file) = sys::listen_unix(name, config.unix_mode, 1024).map_err(listen_err)?;
+                (Some(fd), file, false)
+            }
+            Address::Fd(n) => {
+                sys::check_inherited_listener(*n).map_err(|e| {
+                    Error::invalid(format!("fd:{n} is not a listening stream socket ({e}); it is left open"))
+                })?;
+                sys::set_nonblocking_cloexec(*n)
+                    .map_err(|e| Error::io(format!("fd:{n}: set non-blocking"), e))?;
+                (Some(sys::adopt(*n)), None, true)
+            }
+            Address::None => (None, None, false),
+        };
+        let local = fd.as_ref().and_then(|fd| sys::local_addr(sys::raw(fd)));
+        Ok(Listening { fd, file, local, text, inherited })
+    }
+
+    /// The start failed after all: an inherited descriptor stays open (the
+    /// host's again); a socket file we created is removed.
+    fn give_back(self) {
+        if let Some(fd) = self.fd {
+            if self.inherited {
+                let _ = fd.into_raw_fd();
+            }
+        }
+        if let Some(f) = &self.file {
+            sys::remove_socket_file(f);
+        }
+    }
 }
 
 impl Server {
@@ -32,17 +86,20 @@ impl Server {
     /// nothing runs when this fails.
     pub fn start<H: Handler + Send + 'static>(config: &Config, handler: H) -> Result<Server> {
         let epoch = sys::process_epoch();
-        let (listener, local) = sys::listen(&config.address, 1024)
-            .map_err(|e| Error::io(format!("listen on {}", config.address), e))?;
         let backend = config.resolved_backend();
         let mut poller = Poller::new(backend).map_err(|e| Error::io("create poller", e))?;
         let waker = Waker::new().map_err(|e| Error::io("create eventfd", e))?;
         poller
-            .add(sys::raw(&listener), event_loop::LISTENER, Interest::READ)
-            .map_err(|e| Error::io("register listener", e))?;
-        poller
             .add(waker.fd(), event_loop::WAKER, Interest::READ)
             .map_err(|e| Error::io("register waker", e))?;
+        let listening = Listening::open(config)?;
+        if let Some(fd) = &listening.fd {
+            if let Err(e) = poller.add(sys::raw(fd), event_loop::LISTENER, Interest::READ) {
+                listening.give_back();
+                return Err(Error::io("register listener", e));
+            }
+        }
+        let local = listening.local;
         let shared = Arc::new(Shared {
             epoch,
             track_writable: config.writable_events,
@@ -56,8 +113,11 @@ impl Server {
             waker,
             stats: Stats::default(),
             deferred: Mutex::new((false, None)),
+            next_id: AtomicU64::new(1),
+            conns: AtomicUsize::new(0),
+            max_connections: config.max_connections as usize,
         });
-        let lp = Starter::new(config, shared.clone(), poller, listener, local, backend, handler);
+        let lp = Starter::new(config, shared.clone(), poller, listening, backend, handler);
         let (gate, opened) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("tcpframe-loop".into())
@@ -86,8 +146,9 @@ impl Server {
         }
     }
 
+    /// The bound TCP port; 0 for any other transport.
     pub fn port(&self) -> u16 {
-        self.local.port()
+        self.local.map_or(0, |a| a.port())
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
