@@ -8,6 +8,21 @@ use std::env;
 use std::fs;
 use std::path::PathBuf;
 
+/// Programs linked with -ltcpframe look for the soname (libtcpframe.so.0)
+/// at run time: put a link to libtcpframe.so next to it in the profile
+/// directory, so that `cargo build --release` alone is enough to run them.
+/// (The link may dangle until the library is linked, a moment later.)
+fn soname_link() {
+    let Ok(out) = env::var("OUT_DIR") else { return };
+    // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out.
+    let Some(profile_dir) = PathBuf::from(out).ancestors().nth(3).map(PathBuf::from) else { return };
+    let link = profile_dir.join("libtcpframe.so.0");
+    if fs::symlink_metadata(&link).is_err() {
+        #[cfg(unix)]
+        let _ = std::os::unix::fs::symlink("libtcpframe.so", &link);
+    }
+}
+
 fn main() {
     let crate_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     println!("cargo:rerun-if-changed=src");
@@ -16,6 +31,7 @@ fn main() {
 
     if env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
         println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libtcpframe.so.0");
+        soname_link();
     }
 
     let config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml"))
