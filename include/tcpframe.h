@@ -159,6 +159,26 @@
 #define TF_PREFIX_INCLUDES_ITSELF 2
 
 /**
+ * PROXY protocol off (the default).
+ */
+#define TF_PROXY_OFF 0
+
+/**
+ * PROXY protocol version 1 (text; HAProxy `send-proxy`).
+ */
+#define TF_PROXY_V1 1
+
+/**
+ * PROXY protocol version 2 (binary; HAProxy `send-proxy-v2`, AWS NLB).
+ */
+#define TF_PROXY_V2 2
+
+/**
+ * PROXY protocol, either version.
+ */
+#define TF_PROXY_ANY 3
+
+/**
  * tf_event.kind: a connection was accepted; `data` is the peer text.
  */
 #define TF_EVENT_CONNECT 1
@@ -587,6 +607,35 @@ int32_t tf_config_set_unix_mode(struct tf_config *cfg, uint32_t mode);
 int32_t tf_config_set_connect_timeout_ms(struct tf_config *cfg, uint32_t ms);
 
 /**
+ * Expects a PROXY protocol header (HAProxy's `send-proxy` /
+ * `send-proxy-v2`, also AWS NLB, nginx stream, Envoy) at the start of every
+ * accepted connection: TF_PROXY_OFF (default), TF_PROXY_V1, TF_PROXY_V2 or
+ * TF_PROXY_ANY (either). It is read and removed before framing starts;
+ * bytes after it in the same segment are the first frame's bytes.
+ * on_connect's peer text is then the original client's address
+ * ("203.0.113.7:41000", "[2001:db8::1]:41000"); a v2 LOCAL header (health
+ * checks) or a v1 UNKNOWN one keeps the socket's own peer. TLVs are
+ * skipped. A malformed header (closed as soon as its first bytes show it is
+ * wrong), a missing one, or none complete within 5 seconds of the accept,
+ * closes the connection before on_connect: it counts in
+ * connections_rejected and no callback ever names it. Outbound connections
+ * never carry a header. Another value is TF_ERR_INVALID.
+ *
+ * **Thread:** any thread, one at a time per configuration.
+ */
+int32_t tf_config_set_proxy_protocol(struct tf_config *cfg, int32_t mode);
+
+/**
+ * Caps the open connections per client IP (the PROXY header's address when
+ * PROXY protocol is on). Past it a new connection is accepted and closed at
+ * once, counted as rejected, without on_connect. Default 0: no limit.
+ * Unix-socket connections have no IP and are not counted.
+ *
+ * **Thread:** any thread, one at a time per configuration.
+ */
+int32_t tf_config_set_max_connections_per_ip(struct tf_config *cfg, uint32_t n);
+
+/**
  * Chooses the event-loop backend: TF_BACKEND_AUTO (default), TF_BACKEND_POLL
  * or TF_BACKEND_EPOLL (Linux only). Any other value is TF_ERR_INVALID.
  *
@@ -817,7 +866,8 @@ int32_t tf_server_start(const struct tf_config *cfg, const struct tf_callbacks *
 
 /**
  * The port the server is bound to (useful after asking for port 0);
- * 0 for NULL or in a child process forked after the server started.
+ * 0 for anything but a TCP listener (Unix socket, `none`), for NULL, or in
+ * a child process forked after the server started.
  *
  * **Thread:** any thread.
  */
@@ -873,6 +923,24 @@ int32_t tf_conn_close(struct tf_server *srv, tf_conn_id conn);
  * **Thread:** any thread, including inside callbacks.
  */
 int32_t tf_conn_abort(struct tf_server *srv, tf_conn_id conn);
+
+/**
+ * Closes the listener now (a Unix socket's file is removed): new
+ * connection attempts are refused, a load balancer's health check marks
+ * the instance down, and another server (of this process or a new one) can
+ * bind the same address as soon as this returns. Every open connection goes
+ * on being served normally, and tf_connect() still works. Use it for
+ * rolling restarts: drain, wait until connections_active is 0 (or a
+ * deadline), stop. Idempotent.
+ *
+ * Returns TF_OK; TF_ERR_STOPPED once stop has begun; TF_ERR_INVALID for
+ * NULL. From inside one of this server's callbacks it returns at once and
+ * the listener is closed as soon as the callback returns, before any other
+ * connection is accepted.
+ *
+ * **Thread:** any thread, including inside callbacks.
+ */
+int32_t tf_server_drain(struct tf_server *srv);
 
 /**
  * Copies the server's counters into `*out` (a consistent-enough snapshot).

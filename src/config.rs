@@ -6,6 +6,7 @@
 use crate::addr::Address;
 use crate::error::{Error, Result};
 use crate::frame::Format;
+use crate::proxy::Mode as ProxyMode;
 use crate::sys::Backend;
 use std::fmt;
 use std::sync::Arc;
@@ -40,6 +41,10 @@ pub struct Config {
     pub max_buffered: u64,
     /// The length prefix, both directions.
     pub prefix: Format,
+    /// PROXY protocol header expected on every accepted connection.
+    pub proxy: Option<ProxyMode>,
+    /// Open connections per client IP (0: no limit).
+    pub max_connections_per_ip: u32,
     /// Slow-consumer policy: (soft limit in bytes, seconds); None: off.
     pub slow_consumer: Option<(u64, u32)>,
     /// The host wants to learn when a full queue has room again
@@ -65,6 +70,8 @@ impl Default for Config {
             close_timeout_ms: 10_000,
             max_buffered: 1 << 30,
             prefix: Format::default(),
+            proxy: None,
+            max_connections_per_ip: 0,
             slow_consumer: None,
             writable_events: false,
             backend: None,
@@ -86,6 +93,8 @@ impl fmt::Debug for Config {
             .field("close_timeout_ms", &self.close_timeout_ms)
             .field("max_buffered", &self.max_buffered)
             .field("prefix", &self.prefix)
+            .field("proxy", &self.proxy)
+            .field("max_connections_per_ip", &self.max_connections_per_ip)
             .field("slow_consumer", &self.slow_consumer)
             .field("writable_events", &self.writable_events)
             .field("backend", &self.backend)
@@ -158,6 +167,22 @@ impl Config {
             return Err(Error::invalid("max buffered must be at least 1 byte"));
         }
         self.max_buffered = bytes;
+        Ok(())
+    }
+
+    /// TF_PROXY_OFF (0), V1 (1), V2 (2), ANY (3).
+    pub fn set_proxy_protocol(&mut self, mode: i32) -> Result<()> {
+        self.proxy = match mode {
+            0 => None,
+            1 => Some(ProxyMode::V1),
+            2 => Some(ProxyMode::V2),
+            3 => Some(ProxyMode::Any),
+            other => {
+                return Err(Error::invalid(format!(
+                    "unknown PROXY protocol mode {other} (0 off, 1 v1, 2 v2, 3 any)"
+                )))
+            }
+        };
         Ok(())
     }
 

@@ -8,6 +8,7 @@
 use crate::frame::{Decoder, Format};
 use crate::outq::{OutOfMemory, OutQueue};
 use crate::sys::Interest;
+use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -175,6 +176,12 @@ pub struct Conn {
     pub connecting: bool,
     /// The host was told about it (on_connect): on_close will follow.
     pub announced: bool,
+    /// PROXY protocol on: the header not read yet (nothing is framed before).
+    pub proxy: Option<Box<crate::proxy::Parser>>,
+    /// The socket's own peer (text, IP), kept while the PROXY header is read.
+    pub socket_peer: Option<(String, Option<IpAddr>)>,
+    /// The client IP counted against max connections per IP.
+    pub ip: Option<IpAddr>,
     /// A partial write left bytes behind: watch for writability.
     pub want_write: bool,
     /// In the loop's dirty list (to be flushed this iteration).
@@ -222,6 +229,9 @@ impl Conn {
             above_since: None,
             connecting: false,
             announced: false,
+            proxy: None,
+            socket_peer: None,
+            ip: None,
             want_write: false,
             dirty: false,
             in_closing_list: false,
@@ -385,6 +395,7 @@ pub fn encoded_len(fmt: Format, payload_len: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
     use std::os::fd::OwnedFd;
 
     fn conn() -> Conn {

@@ -14,7 +14,7 @@ use crate::sys::Waker;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Hashes connection ids (already unique integers) with one multiply.
@@ -182,6 +182,11 @@ pub struct Shared {
     /// Connections open or being established, against max connections.
     pub conns: AtomicUsize,
     pub max_connections: usize,
+    /// tf_server_drain asked for the listener to close.
+    pub drain_requested: AtomicBool,
+    /// The listener is closed (true), or the loop has ended; with its condvar.
+    pub drained: Mutex<bool>,
+    pub drained_cv: Condvar,
 }
 
 impl Shared {
@@ -209,8 +214,15 @@ impl Shared {
         }
     }
 
+    /// The loop closed the listener (drain or stop): drain waiters go on.
+    pub fn listener_closed(&self) {
+        *self.drained.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.drained_cv.notify_all();
+    }
+
     /// Called by the loop thread as it ends: drops a deferred handle.
     pub fn loop_ended(&self) {
+        self.listener_closed();
         let handle = {
             let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
             d.0 = true;

@@ -11,6 +11,7 @@ use crate::shared::{bump, drop_count};
 use crate::sys::{self, Interest};
 use std::fs::File;
 use std::io;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -26,6 +27,8 @@ impl<H: Handler> EventLoop<H> {
             return;
         }
         for _ in 0..ACCEPTS_PER_WAKE {
+            // A callback (on_connect) may have asked for a drain.
+            self.drain_if_asked();
             let Some(listener) = self.listener.as_ref().map(sys::raw) else { return };
             match sys::accept(listener) {
                 Ok(a) => self.admit(a),
@@ -108,7 +111,6 @@ impl<H: Handler> EventLoop<H> {
         let id = self.shared.next_id.fetch_add(1, Ordering::AcqRel);
         // Its idle clock starts now, however long this iteration has run.
         let conn = Conn::new(id, a.fd, self.max_frame, self.format, Instant::now());
-        let cshared = conn.shared.clone();
         let slot = self.state.borrow_mut().insert(conn);
         if let Err(e) = self.poller.add(fd, slot as usize + FIRST_CONN, Interest::READ) {
             self.state.borrow_mut().remove(slot);
@@ -119,15 +121,54 @@ impl<H: Handler> EventLoop<H> {
             });
             return;
         }
-        let peer = match a.peer {
-            Some(p) => p.to_string(),
+        let (peer, ip) = match a.peer {
+            Some(p) => (p.to_string(), Some(p.ip())),
             // A Unix socket: who is calling, as the kernel says.
             None => match sys::peer_cred(fd) {
-                Ok((pid, uid, gid)) => format!("unix:pid={pid},uid={uid},gid={gid}"),
-                Err(_) => String::from("unix:unknown"),
+                Ok((pid, uid, gid)) => (format!("unix:pid={pid},uid={uid},gid={gid}"), None),
+                Err(_) => (String::from("unix:unknown"), None),
             },
         };
-        let _ = cshared.peer.set(peer.as_str().into());
+        if let Some(mode) = self.proxy {
+            // The PROXY header comes first: the host hears of the connection
+            // once it is read (read_proxy_header), or never.
+            let mut st = self.state.borrow_mut();
+            let c = st.conn_mut(slot);
+            c.proxy = Some(Box::new(crate::proxy::Parser::new(mode)));
+            c.socket_peer = Some((peer, ip));
+            st.idle_unlink(slot);
+            st.proxy_deadlines.push_back((Instant::now() + PROXY_TIMEOUT, slot, id));
+            return;
+        }
+        self.announce(slot, id, peer, ip);
+    }
+
+    /// Tells the host about a connection (on_connect), past the per-IP
+    /// limit; refused or over it, the connection is closed at once and
+    /// counted as rejected. False when it was.
+    pub(super) fn announce(&mut self, slot: u32, id: u64, peer: String, ip: Option<IpAddr>) -> bool {
+        if let (Some(ip), Some(limit)) = (ip, self.max_per_ip) {
+            let n = self.ip_counts.get(&ip).copied().unwrap_or(0);
+            if n >= limit {
+                self.reject(slot, id);
+                self.log.log(Topic::Limit, LogLevel::Warn, || {
+                    format!("tcpframe: {limit} connections from {ip} already: a new one was closed")
+                });
+                return false;
+            }
+        }
+        let cshared = {
+            let mut st = self.state.borrow_mut();
+            let Some(c) = st.get_id(slot, id) else { return false };
+            if let Some(ip) = ip {
+                c.ip = Some(ip);
+            }
+            let _ = c.shared.peer.set(peer.as_str().into());
+            c.shared.clone()
+        };
+        if let Some(ip) = ip.filter(|_| self.max_per_ip.is_some()) {
+            *self.ip_counts.entry(ip).or_insert(0) += 1;
+        }
         self.shared.lock_inbox().registry.insert(id, cshared);
         // Counted as active while on_connect runs (stats before callbacks);
         // as accepted once it said yes.
@@ -137,18 +178,50 @@ impl<H: Handler> EventLoop<H> {
             if let Some(c) = self.state.borrow_mut().get_id(slot, id) {
                 c.announced = true;
             }
+            true
         } else {
             drop_count(&self.shared.stats.connections_active, 1);
             self.shared.lock_inbox().registry.remove(&id);
-            if let Some(mut conn) = self.state.borrow_mut().remove(slot) {
-                self.poller.delete(fd, slot as usize + FIRST_CONN);
-                conn.discard_output();
-                self.shared.give_conn_slot();
+            self.reject(slot, id);
+            false
+        }
+    }
+
+    /// Closes a connection the host never heard of (or refused) at once:
+    /// counted as rejected, no callback.
+    pub(super) fn reject(&mut self, slot: u32, id: u64) {
+        let conn = {
+            let mut st = self.state.borrow_mut();
+            if st.get_id(slot, id).is_none() {
+                return;
             }
-            bump(&self.shared.stats.connections_rejected, 1);
+            st.remove(slot)
+        };
+        if let Some(mut conn) = conn {
+            if conn.registered {
+                self.poller.delete(sys::raw(&conn.fd), slot as usize + FIRST_CONN);
+            }
+            conn.discard_output();
+            self.forget_ip(&conn);
+            self.shared.give_conn_slot();
+        }
+        bump(&self.shared.stats.connections_rejected, 1);
+    }
+
+    /// A connection counted against its IP's limit is gone.
+    pub(super) fn forget_ip(&mut self, conn: &Conn) {
+        let Some(ip) = conn.ip.filter(|_| self.max_per_ip.is_some()) else { return };
+        if let Some(n) = self.ip_counts.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.ip_counts.remove(&ip);
+            }
         }
     }
 }
+
+/// A PROXY header must be complete within this long after the accept.
+pub(super) const PROXY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The descriptor kept in reserve to shed a connection when descriptors run
 /// out (libuv's trick); None when even that one cannot be had.

@@ -113,6 +113,7 @@ impl<H: Handler> EventLoop<H> {
         conn.discard_output();
         let reason = conn.reported_reason(self.shared.stopping.load(Ordering::Acquire));
         self.shared.give_conn_slot();
+        self.forget_ip(&conn);
         let outbound = conn.shared.outbound.load(Ordering::Relaxed);
         Closed { id: conn.id, reason, shared: conn.shared.clone(), announced: conn.announced, outbound }
         // dropping `conn` closes the descriptor

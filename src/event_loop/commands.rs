@@ -111,5 +111,22 @@ impl<H: Handler> EventLoop<H> {
         if let Some(f) = self.socket_file.take() {
             sys::remove_socket_file(&f);
         }
+        self.spare_fd = None;
+        self.accept_paused_until = None;
+        self.accept_blocked = false;
+        self.shared.listener_closed();
+    }
+
+    /// tf_server_drain: the listener goes now; connections are served on.
+    pub(super) fn drain_if_asked(&mut self) {
+        if self.drained || !self.shared.drain_requested.load(Ordering::Acquire) {
+            return;
+        }
+        self.drained = true;
+        let address = self.address.clone();
+        self.close_listener();
+        self.log.log(super::log::Topic::Lifecycle, crate::config::LogLevel::Info, || {
+            format!("tcpframe: draining: no longer listening on {address}")
+        });
     }
 }

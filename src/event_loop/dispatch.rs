@@ -118,6 +118,9 @@ impl<H: Handler> EventLoop<H> {
         if !reading {
             return self.discard_ready(slot, fd);
         }
+        if self.state.borrow().get(slot).is_some_and(|c| c.proxy.is_some()) {
+            return self.read_proxy_header(slot, id, fd);
+        }
         if !self.handler.wants_input() {
             // Pull mode backpressure: stop watching, resume when drained.
             // Waiting on the host is not idleness: off the idle list until then.
@@ -229,6 +232,23 @@ impl<H: Handler> EventLoop<H> {
         }
         self.sync_interest(slot);
         self.enforce_budget();
+    }
+
+    /// Delivers bytes that are not in the read buffer (the first frame's
+    /// bytes after a PROXY header), with the same rules as a read.
+    pub(super) fn deliver_bytes(&mut self, slot: u32, id: u64, bytes: &[u8]) {
+        let (mut decoder, cshared) = self.take_decoder(slot, id);
+        let Self { shared, handler, .. } = self;
+        let out = deliver(shared, handler, &mut decoder, &cshared, id, bytes);
+        if let Some(from) = out.held_from {
+            let mut st = self.state.borrow_mut();
+            if let Some(c) = st.get_id(slot, id) {
+                if c.stash.try_reserve_exact(bytes.len() - from).is_ok() {
+                    c.stash.extend_from_slice(&bytes[from..]);
+                }
+            }
+        }
+        self.after_delivery(slot, id, Some((decoder, Instant::now())), out, false);
     }
 
     /// Connections the host resumed: what a pause held back is delivered

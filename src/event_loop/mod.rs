@@ -14,6 +14,7 @@ mod commands;
 mod connect;
 mod control;
 mod dispatch;
+mod handshake;
 mod local;
 mod log;
 mod read;
@@ -131,6 +132,13 @@ pub struct EventLoop<H: Handler> {
     connects: IdMap<Address>,
     /// How long a tf_connect may take.
     connect_timeout: Duration,
+    /// PROXY protocol expected on accepted connections.
+    proxy: Option<crate::proxy::Mode>,
+    /// Open connections per client IP, when limited.
+    max_per_ip: Option<u32>,
+    ip_counts: std::collections::HashMap<std::net::IpAddr, u32>,
+    /// tf_server_drain was carried out.
+    drained: bool,
     max_frame: u32,
     format: Format,
     /// Budget for all partial inbound frames together.
@@ -171,6 +179,7 @@ impl<H: Handler> EventLoop<H> {
                 self.last_busy = now;
                 self.trimmed = false;
             }
+            self.drain_if_asked();
             let events = std::mem::take(&mut self.events);
             // Host commands first: a close or a stop requested before this
             // wake-up takes effect before any more input is delivered.
@@ -204,6 +213,7 @@ impl<H: Handler> EventLoop<H> {
             self.expire_idle(now);
             self.expire_lingering(now);
             self.expire_connects(now);
+            self.expire_proxy_headers(now);
             // Frames queued and closes requested from on_close go out now,
             // not at some later unrelated event.
             for _ in 0..FLUSH_PASSES {
@@ -301,6 +311,9 @@ impl<H: Handler> EventLoop<H> {
             consider(d);
         }
         if let Some(&(d, _, _)) = st.connect_deadlines.front() {
+            consider(d);
+        }
+        if let Some(&(d, _, _)) = st.proxy_deadlines.front() {
             consider(d);
         }
         match next {

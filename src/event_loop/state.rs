@@ -64,6 +64,9 @@ pub struct State {
     /// Outbound connects in progress, by deadline (one timeout for all):
     /// (deadline, slot, id).
     pub(super) connect_deadlines: VecDeque<(Instant, u32, u64)>,
+    /// Accepted connections whose PROXY header is due (one timeout for
+    /// all): (deadline, slot, id).
+    pub(super) proxy_deadlines: VecDeque<(Instant, u32, u64)>,
 }
 
 /// The limits State enforces, from the configuration.
@@ -103,6 +106,7 @@ impl State {
             slow,
             slow_watch: Vec::new(),
             connect_deadlines: VecDeque::new(),
+            proxy_deadlines: VecDeque::new(),
         }
     }
 

@@ -231,6 +231,53 @@ pub unsafe extern "C" fn tf_config_set_connect_timeout_ms(cfg: *mut tf_config, m
     })
 }
 
+/// PROXY protocol off (the default).
+pub const TF_PROXY_OFF: i32 = 0;
+/// PROXY protocol version 1 (text; HAProxy `send-proxy`).
+pub const TF_PROXY_V1: i32 = 1;
+/// PROXY protocol version 2 (binary; HAProxy `send-proxy-v2`, AWS NLB).
+pub const TF_PROXY_V2: i32 = 2;
+/// PROXY protocol, either version.
+pub const TF_PROXY_ANY: i32 = 3;
+
+/// Expects a PROXY protocol header (HAProxy's `send-proxy` /
+/// `send-proxy-v2`, also AWS NLB, nginx stream, Envoy) at the start of every
+/// accepted connection: TF_PROXY_OFF (default), TF_PROXY_V1, TF_PROXY_V2 or
+/// TF_PROXY_ANY (either). It is read and removed before framing starts;
+/// bytes after it in the same segment are the first frame's bytes.
+/// on_connect's peer text is then the original client's address
+/// ("203.0.113.7:41000", "[2001:db8::1]:41000"); a v2 LOCAL header (health
+/// checks) or a v1 UNKNOWN one keeps the socket's own peer. TLVs are
+/// skipped. A malformed header (closed as soon as its first bytes show it is
+/// wrong), a missing one, or none complete within 5 seconds of the accept,
+/// closes the connection before on_connect: it counts in
+/// connections_rejected and no callback ever names it. Outbound connections
+/// never carry a header. Another value is TF_ERR_INVALID.
+///
+/// **Thread:** any thread, one at a time per configuration.
+#[no_mangle]
+pub unsafe extern "C" fn tf_config_set_proxy_protocol(cfg: *mut tf_config, mode: i32) -> i32 {
+    guard(|| {
+        // SAFETY: `cfg` is NULL or a live tf_config.
+        unsafe { arg_mut(cfg, "cfg")? }.inner.set_proxy_protocol(mode)
+    })
+}
+
+/// Caps the open connections per client IP (the PROXY header's address when
+/// PROXY protocol is on). Past it a new connection is accepted and closed at
+/// once, counted as rejected, without on_connect. Default 0: no limit.
+/// Unix-socket connections have no IP and are not counted.
+///
+/// **Thread:** any thread, one at a time per configuration.
+#[no_mangle]
+pub unsafe extern "C" fn tf_config_set_max_connections_per_ip(cfg: *mut tf_config, n: u32) -> i32 {
+    guard(|| {
+        // SAFETY: `cfg` is NULL or a live tf_config.
+        unsafe { arg_mut(cfg, "cfg")? }.inner.max_connections_per_ip = n;
+        Ok(())
+    })
+}
+
 /// Chooses the event-loop backend: TF_BACKEND_AUTO (default), TF_BACKEND_POLL
 /// or TF_BACKEND_EPOLL (Linux only). Any other value is TF_ERR_INVALID.
 ///

@@ -185,7 +185,8 @@ pub(crate) unsafe fn server<'a>(srv: *const tf_server) -> Result<&'a tf_server> 
 }
 
 /// The port the server is bound to (useful after asking for port 0);
-/// 0 for NULL or in a child process forked after the server started.
+/// 0 for anything but a TCP listener (Unix socket, `none`), for NULL, or in
+/// a child process forked after the server started.
 ///
 /// **Thread:** any thread.
 #[no_mangle]
@@ -261,6 +262,28 @@ pub unsafe extern "C" fn tf_conn_abort(srv: *mut tf_server, conn: tf_conn_id) ->
     guard(|| {
         // SAFETY: `srv` is NULL or a live tf_server.
         unsafe { server(srv)? }.inner.abort(conn)
+    })
+}
+
+/// Closes the listener now (a Unix socket's file is removed): new
+/// connection attempts are refused, a load balancer's health check marks
+/// the instance down, and another server (of this process or a new one) can
+/// bind the same address as soon as this returns. Every open connection goes
+/// on being served normally, and tf_connect() still works. Use it for
+/// rolling restarts: drain, wait until connections_active is 0 (or a
+/// deadline), stop. Idempotent.
+///
+/// Returns TF_OK; TF_ERR_STOPPED once stop has begun; TF_ERR_INVALID for
+/// NULL. From inside one of this server's callbacks it returns at once and
+/// the listener is closed as soon as the callback returns, before any other
+/// connection is accepted.
+///
+/// **Thread:** any thread, including inside callbacks.
+#[no_mangle]
+pub unsafe extern "C" fn tf_server_drain(srv: *mut tf_server) -> i32 {
+    guard(|| {
+        // SAFETY: `srv` is NULL or a live tf_server.
+        unsafe { server(srv)? }.inner.drain()
     })
 }
 

@@ -243,6 +243,22 @@ impl Server {
         self.shared.connect(addr)
     }
 
+    /// tf_server_drain: closes the listener now (from a callback of this
+    /// server: as soon as the callback returns, before any other accept).
+    pub fn drain(&self) -> Result<()> {
+        self.check_live()?;
+        self.shared.drain_requested.store(true, Ordering::Release);
+        if event_loop::current_loop() == Some(std::sync::Arc::as_ptr(&self.shared) as usize) {
+            return Ok(());
+        }
+        self.shared.wake();
+        let mut closed = self.shared.drained.lock().unwrap_or_else(|p| p.into_inner());
+        while !*closed {
+            closed = self.shared.drained_cv.wait(closed).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+
     /// tf_conn_get_info.
     pub fn conn_info(&self, id: u64) -> Result<ConnInfo> {
         self.check_process()?;

@@ -116,6 +116,9 @@ impl Server {
             next_id: AtomicU64::new(1),
             conns: AtomicUsize::new(0),
             max_connections: config.max_connections as usize,
+            drain_requested: AtomicBool::new(false),
+            drained: Mutex::new(false),
+            drained_cv: std::sync::Condvar::new(),
         });
         let lp = Starter::new(config, shared.clone(), poller, listening, backend, handler);
         let (gate, opened) = std::sync::mpsc::channel::<()>();
