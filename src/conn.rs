@@ -395,7 +395,6 @@ pub fn encoded_len(fmt: Format, payload_len: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::IpAddr;
     use std::os::fd::OwnedFd;
 
     fn conn() -> Conn {
