@@ -45,6 +45,8 @@ pub struct Config {
     pub proxy: Option<ProxyMode>,
     /// Open connections per client IP (0: no limit).
     pub max_connections_per_ip: u32,
+    /// Loop threads (0: one per CPU the process may run on).
+    pub threads: u32,
     /// Slow-consumer policy: (soft limit in bytes, seconds); None: off.
     pub slow_consumer: Option<(u64, u32)>,
     /// The host wants to learn when a full queue has room again
@@ -56,6 +58,8 @@ pub struct Config {
 }
 
 pub const DEFAULT_ADDRESS: &str = "127.0.0.1:5882";
+/// Most loop threads a server may have.
+pub const MAX_THREADS: u32 = 256;
 
 impl Default for Config {
     fn default() -> Config {
@@ -72,6 +76,7 @@ impl Default for Config {
             prefix: Format::default(),
             proxy: None,
             max_connections_per_ip: 0,
+            threads: 1,
             slow_consumer: None,
             writable_events: false,
             backend: None,
@@ -95,6 +100,7 @@ impl fmt::Debug for Config {
             .field("prefix", &self.prefix)
             .field("proxy", &self.proxy)
             .field("max_connections_per_ip", &self.max_connections_per_ip)
+            .field("threads", &self.threads)
             .field("slow_consumer", &self.slow_consumer)
             .field("writable_events", &self.writable_events)
             .field("backend", &self.backend)
@@ -168,6 +174,23 @@ impl Config {
         }
         self.max_buffered = bytes;
         Ok(())
+    }
+
+    /// Loop threads: 1..=256, or 0 for one per CPU the process may run on.
+    pub fn set_threads(&mut self, n: u32) -> Result<()> {
+        if n > MAX_THREADS {
+            return Err(Error::invalid(format!("{n} loop threads: at most {MAX_THREADS}")));
+        }
+        self.threads = n;
+        Ok(())
+    }
+
+    /// The number of loop threads to start.
+    pub fn resolved_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS as usize),
+            n => n as usize,
+        }
     }
 
     /// TF_PROXY_OFF (0), V1 (1), V2 (2), ANY (3).

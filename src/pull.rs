@@ -39,8 +39,10 @@ pub struct PulledEvent {
 struct Queue {
     events: VecDeque<PulledEvent>,
     bytes: usize,
-    /// The loop has ended: nothing more will come.
+    /// Every loop has ended: nothing more will come.
     finished: bool,
+    /// Loop threads still producing (one PullHandler each).
+    producers: usize,
     /// The loop stopped reading for want of room: wake it once there is.
     producer_waiting: bool,
 }
@@ -86,6 +88,7 @@ pub struct PullHandler {
 
 impl PullHandler {
     pub fn new(queue: Arc<EventQueue>) -> PullHandler {
+        queue.lock().producers += 1;
         PullHandler { queue, batch: Vec::new(), batch_bytes: 0, seen_events: 0, seen_bytes: 0 }
     }
 
@@ -96,7 +99,11 @@ impl PullHandler {
 
     fn hand_over(&mut self, paused: bool) {
         let mut q = self.queue.lock();
-        q.producer_waiting = paused;
+        // Set by any loop that paused; cleared by the host's poll that wakes
+        // them all (another loop's "not paused" must not hide it).
+        if paused {
+            q.producer_waiting = true;
+        }
         if !self.batch.is_empty() {
             let was_empty = q.events.is_empty();
             q.events.extend(self.batch.drain(..));
@@ -168,6 +175,10 @@ impl Drop for PullHandler {
     fn drop(&mut self) {
         self.hand_over(false);
         let mut q = self.queue.lock();
+        q.producers -= 1;
+        if q.producers > 0 {
+            return; // another loop thread may still produce
+        }
         q.finished = true;
         self.queue.signal.set(); // readable: the host learns the end by polling
         self.queue.arrived.notify_all();
@@ -178,14 +189,15 @@ impl Drop for PullHandler {
 /// The host's side of a pull-mode server.
 pub struct PullHost {
     queue: Arc<EventQueue>,
-    loop_shared: Arc<Shared>,
+    /// Every loop of the server (one queue for all of them).
+    loops: Vec<Arc<Shared>>,
     /// The events handed out by the last poll; their data lives until the next.
     last: Mutex<Vec<PulledEvent>>,
 }
 
 impl PullHost {
-    pub fn new(queue: Arc<EventQueue>, loop_shared: Arc<Shared>) -> PullHost {
-        PullHost { queue, loop_shared, last: Mutex::new(Vec::new()) }
+    pub fn new(queue: Arc<EventQueue>, loops: Vec<Arc<Shared>>) -> PullHost {
+        PullHost { queue, loops, last: Mutex::new(Vec::new()) }
     }
 
     pub fn fd(&self) -> i32 {
@@ -211,11 +223,9 @@ impl PullHost {
         };
         // The CLOSE events handed out by the previous poll: their connections'
         // ids (and user data) are forgotten now, as the contract says.
-        if last.iter().any(|ev| ev.kind == EVENT_CLOSE) {
-            let mut inbox = self.loop_shared.lock_inbox();
-            for ev in last.iter().filter(|ev| ev.kind == EVENT_CLOSE) {
-                inbox.registry.remove(&ev.conn);
-            }
+        for ev in last.iter().filter(|ev| ev.kind == EVENT_CLOSE) {
+            let sh = &self.loops[self.loops[0].core.loop_of(ev.conn)];
+            sh.lock_inbox().registry.remove(&ev.conn);
         }
         last.clear();
         let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
@@ -249,7 +259,10 @@ impl PullHost {
         }
         drop(q);
         if resume {
-            self.loop_shared.wake(); // the loop re-checks and reads again
+            // The loops re-check and read again.
+            for sh in &self.loops {
+                sh.wake();
+            }
         }
         Ok(Some(last))
     }

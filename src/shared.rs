@@ -75,6 +75,21 @@ pub struct StatsSnapshot {
     pub closed_idle: u64,
 }
 
+impl StatsSnapshot {
+    /// Adds another loop's counters (tf_stats are totals).
+    pub fn add(&mut self, o: &StatsSnapshot) {
+        self.connections_active += o.connections_active;
+        self.connections_accepted += o.connections_accepted;
+        self.connections_rejected += o.connections_rejected;
+        self.frames_received += o.frames_received;
+        self.frames_sent += o.frames_sent;
+        self.bytes_received += o.bytes_received;
+        self.bytes_sent += o.bytes_sent;
+        self.closed_too_large += o.closed_too_large;
+        self.closed_idle += o.closed_idle;
+    }
+}
+
 impl Stats {
     pub fn snapshot(&self) -> StatsSnapshot {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -102,6 +117,8 @@ pub const CMD_RESUME: u8 = 5;
 pub const CMD_WATCH: u8 = 6;
 /// tf_connect: start connecting (the address is in `Inbox::connects`).
 pub const CMD_CONNECT: u8 = 7;
+/// A connection accepted by loop 0 for this loop (in `Inbox::adopted`).
+pub const CMD_ADOPT: u8 = 8;
 
 /// What host threads hand to the loop, under one mutex.
 ///
@@ -123,6 +140,8 @@ pub struct Inbox {
     pub pending: IdMap<OutQueue>,
     /// Where tf_connect's connections go, until the loop starts them.
     pub connects: IdMap<Address>,
+    /// Connections loop 0 accepted for this loop (CMD_ADOPT).
+    pub adopted: IdMap<crate::sys::Accepted>,
     /// Set once by tf_server_stop: when the drain ends.
     pub stop_deadline: Option<Instant>,
 }
@@ -174,14 +193,10 @@ pub struct Shared {
     pub wake_pending: AtomicBool,
     pub waker: Waker,
     pub stats: Stats,
-    /// A handle freed while its loop thread could still be running host code
-    /// that uses it: the loop thread drops it when it ends.
-    pub deferred: Mutex<(bool, Option<Box<dyn Send>>)>,
-    /// The next connection id, for accepts and tf_connect alike.
-    pub next_id: AtomicU64,
-    /// Connections open or being established, against max connections.
-    pub conns: AtomicUsize,
-    pub max_connections: usize,
+    /// What all loop threads of the server share.
+    pub core: Arc<Core>,
+    /// This loop's index, 0..n-1 (loop 0 owns the listener).
+    pub index: usize,
     /// tf_server_drain asked for the listener to close.
     pub drain_requested: AtomicBool,
     /// The listener is closed (true), or the loop has ended; with its condvar.
@@ -203,32 +218,16 @@ impl Shared {
         }
     }
 
-    /// Keeps `handle` alive until the loop thread ends.
-    pub fn defer_drop(&self, handle: Box<dyn Send>) {
-        let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
-        if d.0 {
-            drop(d);
-            drop(handle); // the loop has ended already: nothing uses it
-        } else {
-            d.1 = Some(handle);
-        }
-    }
-
     /// The loop closed the listener (drain or stop): drain waiters go on.
     pub fn listener_closed(&self) {
         *self.drained.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.drained_cv.notify_all();
     }
 
-    /// Called by the loop thread as it ends: drops a deferred handle.
+    /// Called by the loop thread as it ends.
     pub fn loop_ended(&self) {
         self.listener_closed();
-        let handle = {
-            let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
-            d.0 = true;
-            d.1.take()
-        };
-        drop(handle);
+        self.core.loop_ended();
     }
 
     pub(crate) fn begin_stop(&self, drain: Duration) {
@@ -324,7 +323,46 @@ impl Shared {
     }
 }
 
-impl Shared {
+/// What every loop thread of one server shares: connection ids, the
+/// connection count, per-IP counts, the log lock, and a handle freed from a
+/// callback (dropped when the last loop ends).
+pub struct Core {
+    /// The next connection id; connection `id` lives on loop (id - 1) % n,
+    /// so ids are spread round-robin and host calls find their loop.
+    pub next_id: AtomicU64,
+    /// Connections open or being established, against max connections.
+    pub conns: AtomicUsize,
+    pub max_connections: usize,
+    pub nloops: usize,
+    /// Partial-frame bytes held by every loop together (max_buffered).
+    pub buffered: AtomicU64,
+    /// Open connections per client IP, when limited.
+    pub ip_counts: Mutex<HashMap<std::net::IpAddr, u32>>,
+    /// The log callback is never called twice at the same time.
+    pub log_lock: Mutex<()>,
+    /// (loops ended, a handle to drop once they all have).
+    deferred: Mutex<(usize, Option<Box<dyn Send>>)>,
+}
+
+impl Core {
+    pub fn new(max_connections: usize, nloops: usize) -> Core {
+        Core {
+            next_id: AtomicU64::new(1),
+            conns: AtomicUsize::new(0),
+            max_connections,
+            nloops,
+            buffered: AtomicU64::new(0),
+            ip_counts: Mutex::new(HashMap::new()),
+            log_lock: Mutex::new(()),
+            deferred: Mutex::new((0, None)),
+        }
+    }
+
+    /// The loop a connection lives on.
+    pub fn loop_of(&self, id: u64) -> usize {
+        (id.wrapping_sub(1) % self.nloops as u64) as usize
+    }
+
     /// Counts a new connection against max connections; false when full.
     pub fn take_conn_slot(&self) -> bool {
         self.conns
@@ -339,9 +377,59 @@ impl Shared {
         self.conns.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// tf_connect: the connection exists (the host may send to it) from
-    /// here on; the loop starts connecting within one iteration.
-    pub(crate) fn connect(&self, addr: Address) -> Result<u64> {
+    /// Keeps `handle` alive until every loop thread has ended (a callback on
+    /// any of them may still be using it).
+    pub fn defer_drop(&self, handle: Box<dyn Send>) {
+        let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        if d.0 == self.nloops {
+            drop(d);
+            drop(handle); // they all ended already: nothing uses it
+        } else {
+            d.1 = Some(handle);
+        }
+    }
+
+    fn loop_ended(&self) {
+        let handle = {
+            let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+            d.0 += 1;
+            if d.0 == self.nloops {
+                d.1.take()
+            } else {
+                None
+            }
+        };
+        drop(handle);
+    }
+
+    /// Counts a connection from `ip` unless it already has `limit`.
+    pub fn count_ip(&self, ip: std::net::IpAddr, limit: u32) -> bool {
+        let mut m = self.ip_counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= limit {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    pub fn forget_ip(&self, ip: std::net::IpAddr) {
+        let mut m = self.ip_counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// tf_connect on this loop, with an id from `Core::next_id` that maps
+    /// here and a connection slot already taken: the connection exists (the
+    /// host may send to it) from here on; the loop starts connecting within
+    /// one iteration.
+    pub(crate) fn connect(&self, id: u64, addr: Address) -> Result<()> {
         let mut inbox = self.lock_inbox();
         if inbox.stop_deadline.is_some() {
             return Err(Error::stopped());
@@ -352,16 +440,6 @@ impl Shared {
         {
             return Err(Error::new(Code::Full, "no memory for a new connection"));
         }
-        if !self.take_conn_slot() {
-            return Err(Error::new(
-                Code::Full,
-                format!(
-                    "max connections ({}) reached, counting connections being established",
-                    self.max_connections
-                ),
-            ));
-        }
-        let id = self.next_id.fetch_add(1, Ordering::AcqRel);
         let conn = Arc::new(ConnShared::new(Instant::now()));
         let _ = conn.peer.set(addr.to_string().into());
         conn.outbound.store(true, Ordering::Release);
@@ -370,7 +448,7 @@ impl Shared {
         inbox.cmds.push((CMD_CONNECT, id));
         drop(inbox);
         self.wake();
-        Ok(id)
+        Ok(())
     }
 
     /// tf_conn_pause / tf_conn_resume from a thread that is not the loop's:

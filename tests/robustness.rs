@@ -312,8 +312,10 @@ fn conn_close_on_a_connection_closing_as_too_large_is_no_conn_and_keeps_the_reas
     // closereason.c. In one loop iteration, reads come before accepts: Y's
     // oversize prefix is read (Y is closing as TOO_LARGE) and then W is
     // accepted; W's on_connect probes Y before the close phase reports it.
-    let (srv, probe) =
-        close_probe_server(Opts { max_frame: Some(1024), ..Opts::default() }, Duration::from_millis(300));
+    let (srv, probe) = close_probe_server(
+        Opts { max_frame: Some(1024), threads: Some(1), ..Opts::default() },
+        Duration::from_millis(300),
+    );
     let (mut z, _) = srv.connect_id();
     let (mut y, y_id) = srv.connect_id();
     probe.tracked.lock().unwrap().push(y_id);
@@ -329,8 +331,10 @@ fn conn_close_on_a_connection_closing_as_too_large_is_no_conn_and_keeps_the_reas
 fn conn_close_after_a_too_large_close_was_reported_elsewhere_is_no_conn() {
     // Two connections closed as TOO_LARGE in one iteration: from the first
     // one's on_close, the second's on_close is due.
-    let (srv, probe) =
-        close_probe_server(Opts { max_frame: Some(1024), ..Opts::default() }, Duration::from_millis(300));
+    let (srv, probe) = close_probe_server(
+        Opts { max_frame: Some(1024), threads: Some(1), ..Opts::default() },
+        Duration::from_millis(300),
+    );
     let (mut z, _) = srv.connect_id();
     let (mut y1, id1) = srv.connect_id();
     let (mut y2, id2) = srv.connect_id();
@@ -348,8 +352,10 @@ fn conn_close_on_a_connection_closing_as_idle_is_no_conn_and_keeps_the_reason() 
     // found idle in the same iteration; the first on_close probes the others.
     // (No callback runs between the idle decision and the close phase, so
     // this is the latest state of such a connection: its on_close is due.)
-    let (srv, probe) =
-        close_probe_server(Opts { idle_ms: Some(300), ..Opts::default() }, Duration::from_millis(600));
+    let (srv, probe) = close_probe_server(
+        Opts { idle_ms: Some(300), threads: Some(1), ..Opts::default() },
+        Duration::from_millis(600),
+    );
     let (_y1, id1) = srv.connect_id();
     let (_y2, id2) = srv.connect_id();
     let (mut z, id3) = srv.connect_id();
@@ -366,6 +372,8 @@ fn the_partial_frame_budget_closes_the_connection_holding_the_most() {
         max_frame: Some(4 * MIB as u32),
         max_buffered: Some(2 * MIB as u64),
         record: false,
+        // "The connection holding the most": exact within one loop thread.
+        threads: Some(1),
         ..Opts::default()
     });
     // Each peer announces 1 MiB and sends part of it, one after another.
@@ -454,7 +462,8 @@ fn slow_echo_server(idle_ms: u32) -> (HookServer, Times) {
     let times = Arc::new(Mutex::new(Vec::new()));
     let (t1, t2) = (times.clone(), times.clone());
     let srv = HookServer::start(
-        Opts { idle_ms: Some(idle_ms), ..Opts::default() },
+        // One loop thread: the slow callback holds the loop the others wait on.
+        Opts { idle_ms: Some(idle_ms), threads: Some(1), ..Opts::default() },
         Hooks {
             on_connect: Some(Box::new(move |_, conn| {
                 t1.lock().unwrap().push((conn, Instant::now(), true));

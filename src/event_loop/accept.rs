@@ -7,7 +7,7 @@ use super::log::Topic;
 use super::{would_block, EventLoop, Handler, ACCEPTS_PER_WAKE, ACCEPT_BACKOFF, FIRST_CONN, LISTENER};
 use crate::config::LogLevel;
 use crate::conn::Conn;
-use crate::shared::{bump, drop_count};
+use crate::shared::{bump, drop_count, CMD_ADOPT};
 use crate::sys::{self, Interest};
 use std::fs::File;
 use std::io;
@@ -97,24 +97,55 @@ impl<H: Handler> EventLoop<H> {
             bump(&stats.connections_rejected, 1);
             return;
         }
-        if !self.shared.take_conn_slot() {
+        if !self.shared.core.take_conn_slot() {
             drop(a);
             bump(&stats.connections_rejected, 1);
-            let max = self.shared.max_connections;
+            let max = self.shared.core.max_connections;
             self.log.log(Topic::Limit, LogLevel::Warn, || {
                 format!("tcpframe: max connections ({max}) reached: a new connection was closed")
             });
             return;
         }
+        let id = self.shared.core.next_id.fetch_add(1, Ordering::AcqRel);
+        let target = self.shared.core.loop_of(id);
+        if target != self.shared.index {
+            // Another loop thread serves it: hand the socket over.
+            let peer_loop = &self.peers[target];
+            let mut inbox = peer_loop.lock_inbox();
+            if inbox.cmds.try_reserve(1).is_ok() && inbox.adopted.try_reserve(1).is_ok() {
+                inbox.adopted.insert(id, a);
+                inbox.cmds.push((CMD_ADOPT, id));
+                drop(inbox);
+                peer_loop.wake();
+            } else {
+                drop(inbox);
+                drop(a);
+                self.shared.core.give_conn_slot();
+                bump(&stats.connections_rejected, 1);
+            }
+            return;
+        }
+        self.adopt(id, a);
+    }
+
+    /// Takes on a connection accepted (here or by loop 0) with id `id`, its
+    /// connection slot already counted.
+    pub(super) fn adopt(&mut self, id: u64, a: sys::Accepted) {
+        let stats = &self.shared.stats;
+        if self.shared.stopping.load(Ordering::Acquire) {
+            drop(a);
+            self.shared.core.give_conn_slot();
+            bump(&stats.connections_rejected, 1);
+            return;
+        }
         let fd = sys::raw(&a.fd);
         debug_assert!(sys::nodelay(fd).unwrap_or(true), "TCP_NODELAY is inherited from the listener");
-        let id = self.shared.next_id.fetch_add(1, Ordering::AcqRel);
         // Its idle clock starts now, however long this iteration has run.
         let conn = Conn::new(id, a.fd, self.max_frame, self.format, Instant::now());
         let slot = self.state.borrow_mut().insert(conn);
         if let Err(e) = self.poller.add(fd, slot as usize + FIRST_CONN, Interest::READ) {
             self.state.borrow_mut().remove(slot);
-            self.shared.give_conn_slot();
+            self.shared.core.give_conn_slot();
             bump(&stats.connections_rejected, 1);
             self.log.log(Topic::Internal, LogLevel::Error, || {
                 format!("tcpframe: cannot watch a new connection: {e}")
@@ -148,8 +179,7 @@ impl<H: Handler> EventLoop<H> {
     /// counted as rejected. False when it was.
     pub(super) fn announce(&mut self, slot: u32, id: u64, peer: String, ip: Option<IpAddr>) -> bool {
         if let (Some(ip), Some(limit)) = (ip, self.max_per_ip) {
-            let n = self.ip_counts.get(&ip).copied().unwrap_or(0);
-            if n >= limit {
+            if !self.shared.core.count_ip(ip, limit) {
                 self.reject(slot, id);
                 self.log.log(Topic::Limit, LogLevel::Warn, || {
                     format!("tcpframe: {limit} connections from {ip} already: a new one was closed")
@@ -160,15 +190,12 @@ impl<H: Handler> EventLoop<H> {
         let cshared = {
             let mut st = self.state.borrow_mut();
             let Some(c) = st.get_id(slot, id) else { return false };
-            if let Some(ip) = ip {
-                c.ip = Some(ip);
+            if let Some(ip) = ip.filter(|_| self.max_per_ip.is_some()) {
+                c.ip = Some(ip); // counted above
             }
             let _ = c.shared.peer.set(peer.as_str().into());
             c.shared.clone()
         };
-        if let Some(ip) = ip.filter(|_| self.max_per_ip.is_some()) {
-            *self.ip_counts.entry(ip).or_insert(0) += 1;
-        }
         self.shared.lock_inbox().registry.insert(id, cshared);
         // Counted as active while on_connect runs (stats before callbacks);
         // as accepted once it said yes.
@@ -203,19 +230,15 @@ impl<H: Handler> EventLoop<H> {
             }
             conn.discard_output();
             self.forget_ip(&conn);
-            self.shared.give_conn_slot();
+            self.shared.core.give_conn_slot();
         }
         bump(&self.shared.stats.connections_rejected, 1);
     }
 
     /// A connection counted against its IP's limit is gone.
     pub(super) fn forget_ip(&mut self, conn: &Conn) {
-        let Some(ip) = conn.ip.filter(|_| self.max_per_ip.is_some()) else { return };
-        if let Some(n) = self.ip_counts.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                self.ip_counts.remove(&ip);
-            }
+        if let Some(ip) = conn.ip {
+            self.shared.core.forget_ip(ip);
         }
     }
 }

@@ -87,6 +87,7 @@ impl<H: Handler> EventLoop<H> {
             }
         }
         self.state.borrow_mut().closing.extend(keep);
+        self.sync_budget();
         if !done.is_empty() && self.accept_paused_until.is_some() {
             // Descriptors were freed: serve or shed what waits in the backlog now.
             self.accept_paused_until = Some(now);
@@ -112,7 +113,7 @@ impl<H: Handler> EventLoop<H> {
         }
         conn.discard_output();
         let reason = conn.reported_reason(self.shared.stopping.load(Ordering::Acquire));
-        self.shared.give_conn_slot();
+        self.shared.core.give_conn_slot();
         self.forget_ip(&conn);
         let outbound = conn.shared.outbound.load(Ordering::Relaxed);
         Closed { id: conn.id, reason, shared: conn.shared.clone(), announced: conn.announced, outbound }

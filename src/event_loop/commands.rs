@@ -5,7 +5,7 @@
 
 use super::{EventLoop, Handler, APPLY_CHECK_BYTES, LISTENER};
 use crate::conn::CloseReason;
-use crate::shared::{CMD_CONNECT, CMD_SEND};
+use crate::shared::{CMD_ADOPT, CMD_CONNECT, CMD_SEND};
 use crate::sys::{self, Interest};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -24,12 +24,19 @@ impl<H: Handler> EventLoop<H> {
             std::mem::swap(&mut inbox.cmds, &mut self.cmds);
             std::mem::swap(&mut inbox.pending, &mut self.pending);
             std::mem::swap(&mut inbox.connects, &mut self.connects);
+            std::mem::swap(&mut inbox.adopted, &mut self.adopted);
             inbox.stop_deadline
         };
         let mut give_up_at = stop;
         let mut since_check = 0usize;
         let cmds = std::mem::take(&mut self.cmds);
         for &(kind, id) in &cmds {
+            if kind == CMD_ADOPT {
+                if let Some(a) = self.adopted.remove(&id) {
+                    self.guarded(None, |lp| lp.adopt(id, a));
+                }
+                continue;
+            }
             if kind == CMD_CONNECT {
                 if let Some(addr) = self.connects.remove(&id) {
                     self.guarded(None, |lp| lp.start_connect(id, &addr));

@@ -20,7 +20,7 @@ impl<H: Handler> EventLoop<H> {
     /// exist since the call). Any failure is reported through on_close.
     pub(super) fn start_connect(&mut self, id: u64, addr: &Address) {
         let Some(shared) = self.shared.lock_inbox().registry.get(&id).cloned() else {
-            self.shared.give_conn_slot();
+            self.shared.core.give_conn_slot();
             return;
         };
         if shared.close_requested.load(Ordering::Acquire) || self.shutdown_deadline.is_some() {
@@ -79,7 +79,7 @@ impl<H: Handler> EventLoop<H> {
         reason: CloseReason,
         why: Option<String>,
     ) {
-        self.shared.give_conn_slot();
+        self.shared.core.give_conn_slot();
         if let Some(why) = why {
             self.log.log(Topic::Close, LogLevel::Info, || {
                 format!("tcpframe: connection {id} failed to connect: {why}")

@@ -12,6 +12,8 @@ use std::rc::Rc;
 /// Links this thread to the loop it runs, for tf_send from callbacks.
 pub(super) struct Link {
     pub(super) shared: *const Shared,
+    /// The server (its `Core`), whichever of its loops this is.
+    pub(super) server: *const crate::shared::Core,
     /// The process the loop thread ran in: a child forked from inside a
     /// callback inherits this thread-local but is on no loop thread.
     pub(super) epoch: u64,
@@ -45,14 +47,27 @@ fn with_local<R>(shared: &Shared, f: impl FnOnce(&mut State) -> R) -> Option<R> 
         .flatten()
 }
 
-/// The server whose loop thread this is (its `Shared`, as an address), if
-/// any: then we are inside one of its callbacks.
-pub fn current_loop() -> Option<usize> {
-    let (shared, epoch) = CURRENT
-        .try_with(|cur| cur.try_borrow().ok()?.as_ref().map(|l| (l.shared as usize, l.epoch)))
+/// The loop this thread runs (its `Shared` and its server's `Core`, as
+/// addresses), if any: then we are inside one of its callbacks.
+fn current() -> Option<(usize, usize)> {
+    let (shared, server, epoch) = CURRENT
+        .try_with(|cur| {
+            cur.try_borrow().ok()?.as_ref().map(|l| (l.shared as usize, l.server as usize, l.epoch))
+        })
         .ok()
         .flatten()?;
-    (epoch == crate::sys::process_epoch()).then_some(shared)
+    (epoch == crate::sys::process_epoch()).then_some((shared, server))
+}
+
+/// The server (its `Core`, as an address) whose loop thread this is, if
+/// any: then we are inside one of its callbacks.
+pub fn current_loop() -> Option<usize> {
+    current().map(|(_, server)| server)
+}
+
+/// The loop (its `Shared`, as an address) this thread runs, if any.
+pub fn current_loop_shared() -> Option<usize> {
+    current().map(|(shared, _)| shared)
 }
 
 /// True on the loop thread of any server: inside some tcpframe callback.

@@ -47,6 +47,7 @@ impl Logger {
         if b.window.is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1)) {
             if b.suppressed > 0 {
                 let note = format!("tcpframe: {} similar log messages suppressed (rate limit)", b.suppressed);
+                let _one_at_a_time = self.shared.core.log_lock.lock().unwrap_or_else(|p| p.into_inner());
                 sink(LogLevel::Warn, &note);
             }
             *b = Bucket { window: Some(now), written: 0, suppressed: 0 };
@@ -56,6 +57,9 @@ impl Logger {
             return;
         }
         b.written += 1;
-        sink(level, &msg());
+        let text = msg();
+        // Loops of one server never call the log function at the same time.
+        let _one_at_a_time = self.shared.core.log_lock.lock().unwrap_or_else(|p| p.into_inner());
+        sink(level, &text);
     }
 }

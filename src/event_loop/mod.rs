@@ -22,7 +22,9 @@ mod start;
 mod state;
 mod write;
 
-pub use local::{current_loop, local_abort, local_close, local_send, on_any_loop_thread, with_state};
+pub use local::{
+    current_loop, current_loop_shared, local_abort, local_close, local_send, on_any_loop_thread, with_state,
+};
 pub use start::Starter;
 pub use state::{State, StateConfig};
 
@@ -136,13 +138,17 @@ pub struct EventLoop<H: Handler> {
     proxy: Option<crate::proxy::Mode>,
     /// Open connections per client IP, when limited.
     max_per_ip: Option<u32>,
-    ip_counts: std::collections::HashMap<std::net::IpAddr, u32>,
+    /// Every loop of the server (loop 0 hands accepted sockets over).
+    peers: Vec<Arc<Shared>>,
+    adopted: IdMap<sys::Accepted>,
     /// tf_server_drain was carried out.
     drained: bool,
     max_frame: u32,
     format: Format,
-    /// Budget for all partial inbound frames together.
+    /// Budget for all partial inbound frames together (all loops).
     max_buffered: u64,
+    /// This loop's share of `Core::buffered`, as last added there.
+    budget_counted: u64,
     idle_timeout: Option<Duration>,
     /// Shed one pending connection when descriptors run out (libuv's trick).
     spare_fd: Option<File>,

@@ -9,6 +9,7 @@ use crate::config::LogLevel;
 use crate::conn::CloseReason;
 use crate::shared::bump;
 use crate::sys::{self, Event, Interest};
+use std::sync::atomic::Ordering;
 
 impl<H: Handler> EventLoop<H> {
     pub(super) fn sync_interest(&mut self, slot: u32) {
@@ -70,12 +71,27 @@ impl<H: Handler> EventLoop<H> {
         }
     }
 
+    /// Brings the server-wide partial-frame total up to date with this loop's.
+    pub(super) fn sync_budget(&mut self) {
+        let now = self.state.borrow().buffered;
+        if now != self.budget_counted {
+            let core = &self.shared.core.buffered;
+            if now > self.budget_counted {
+                core.fetch_add(now - self.budget_counted, Ordering::AcqRel);
+            } else {
+                core.fetch_sub(self.budget_counted - now, Ordering::AcqRel);
+            }
+            self.budget_counted = now;
+        }
+    }
+
     /// Partial frames past the server's budget: the connection holding the
     /// most is closed (TF_CLOSE_OVERLOAD), until the total fits again.
     pub(super) fn enforce_budget(&mut self) {
         loop {
+            self.sync_budget();
             let mut st = self.state.borrow_mut();
-            if st.buffered <= self.max_buffered {
+            if self.shared.core.buffered.load(Ordering::Acquire) <= self.max_buffered {
                 return;
             }
             let Some(victim) = st.largest_holder() else { return };

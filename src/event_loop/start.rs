@@ -26,8 +26,10 @@ impl<H: Handler> Starter<H> {
         listening: Listening,
         backend: Backend,
         handler: H,
+        peers: Vec<Arc<Shared>>,
     ) -> Starter<H> {
         Starter {
+            peers,
             shared,
             poller,
             listening,
@@ -52,6 +54,7 @@ impl<H: Handler> Starter<H> {
 
 /// Everything the loop needs, in a form that may move to the new thread.
 pub struct Starter<H: Handler> {
+    peers: Vec<Arc<Shared>>,
     shared: Arc<Shared>,
     poller: Poller,
     listening: Listening,
@@ -98,12 +101,14 @@ impl<H: Handler> Starter<H> {
             connect_timeout: self.connect_timeout,
             proxy: self.proxy,
             max_per_ip: (self.max_per_ip > 0).then_some(self.max_per_ip),
-            ip_counts: Default::default(),
+            peers: self.peers,
+            adopted: Default::default(),
             drained: false,
             pending: Default::default(),
             max_frame: self.max_frame,
             format: self.format,
             max_buffered: self.max_buffered,
+            budget_counted: 0,
             idle_timeout: self.idle_timeout,
             spare_fd: super::accept::open_spare(),
             accept_paused_until: None,
@@ -115,7 +120,12 @@ impl<H: Handler> Starter<H> {
             log: Logger { sink: self.log, shared: self.shared.clone(), buckets: Default::default() },
         };
         CURRENT.with(|c| {
-            *c.borrow_mut() = Some(Link { shared: Arc::as_ptr(&lp.shared), epoch: lp.shared.epoch, state });
+            *c.borrow_mut() = Some(Link {
+                shared: Arc::as_ptr(&lp.shared),
+                server: Arc::as_ptr(&lp.shared.core),
+                epoch: lp.shared.epoch,
+                state,
+            });
         });
         let backend = lp.backend;
         let address = lp.address.clone();

@@ -278,6 +278,27 @@ pub unsafe extern "C" fn tf_config_set_max_connections_per_ip(cfg: *mut tf_confi
     })
 }
 
+/// Sets the number of loop threads (default 1; 0 = one per CPU the process
+/// may run on; above 256 is TF_ERR_INVALID). Each connection belongs to one
+/// loop thread for its whole life, and all its callbacks run there, in
+/// order; with n > 1, callbacks of connections on different threads run at
+/// the same time (the library holds no lock across a callback): the host
+/// locks what they share. The log callback is never called twice at the
+/// same time. Connections are spread round-robin (connection ids go to
+/// thread (id - 1) % n), accepted on one listening socket by thread 0 and
+/// handed over: a second server on the same address still fails with
+/// TF_ERR_IO. Max connections is a total; stats are totals; pull mode keeps
+/// one event queue (each connection's events in order).
+///
+/// **Thread:** any thread, one at a time per configuration.
+#[no_mangle]
+pub unsafe extern "C" fn tf_config_set_threads(cfg: *mut tf_config, n: u32) -> i32 {
+    guard(|| {
+        // SAFETY: `cfg` is NULL or a live tf_config.
+        unsafe { arg_mut(cfg, "cfg")? }.inner.set_threads(n)
+    })
+}
+
 /// Chooses the event-loop backend: TF_BACKEND_AUTO (default), TF_BACKEND_POLL
 /// or TF_BACKEND_EPOLL (Linux only). Any other value is TF_ERR_INVALID.
 ///

@@ -61,8 +61,8 @@ pub unsafe extern "C" fn tf_server_start_pull(cfg: *const super::tf_config, out:
         // SAFETY: `cfg` is NULL or a live tf_config (this function's contract).
         let config = unsafe { config_or_default(cfg) };
         let queue = EventQueue::new().map_err(|e| Error::io("create eventfd", e))?;
-        let inner = Server::start(&config, PullHandler::new(queue.clone()))?;
-        let pull = PullHost::new(queue, inner.shared().clone());
+        let inner = Server::start(&config, |_| PullHandler::new(queue.clone()))?;
+        let pull = PullHost::new(queue, inner.loops().to_vec());
         let srv = Box::into_raw(Box::new(tf_server { inner, pull: Some(pull) }));
         // SAFETY: `out` is non-NULL and writable.
         unsafe { out.write(srv) };

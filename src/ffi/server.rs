@@ -164,8 +164,13 @@ pub unsafe extern "C" fn tf_server_start(
         }
         // SAFETY: as above.
         let config = unsafe { config_or_default(cfg) };
-        let batch = on_messages.map(super::batch::Batch::new);
-        let inner = Server::start(&config, Callbacks { cb: *cb, peer: Vec::new(), batch, on_writable })?;
+        let cb = *cb;
+        let inner = Server::start(&config, |_| Callbacks {
+            cb,
+            peer: Vec::new(),
+            batch: on_messages.map(super::batch::Batch::new),
+            on_writable,
+        })?;
         let srv = Box::into_raw(Box::new(tf_server { inner, pull: None }));
         // SAFETY: `out` is non-NULL and writable.
         unsafe { out.write(srv) };
@@ -378,7 +383,7 @@ pub unsafe extern "C" fn tf_server_free(srv: *mut tf_server) {
         let handle = unsafe { Box::from_raw(srv) };
         match handle.inner.stop_for_free() {
             Freed::Now => drop(handle),
-            Freed::ByLoop => handle.inner.shared().clone().defer_drop(handle),
+            Freed::ByLoop => handle.inner.core().clone().defer_drop(handle),
         }
         Ok(())
     });

@@ -23,27 +23,28 @@ impl Server {
     /// checks, which take precedence over argument errors.
     pub fn send_with<'a>(&self, id: u64, payload: impl FnOnce() -> Result<&'a [u8]>) -> Result<()> {
         self.check_process()?;
-        if self.shared.stopping.load(Ordering::Acquire) {
+        let sh = self.route(id);
+        if sh.stopping.load(Ordering::Acquire) {
             return Err(Error::stopped());
         }
         let payload = payload()?;
-        if payload.len() > self.shared.max_frame as usize {
-            return Err(too_large(payload.len(), self.shared.max_frame));
+        if payload.len() > sh.max_frame as usize {
+            return Err(too_large(payload.len(), sh.max_frame));
         }
         #[cfg(feature = "fault-injection")]
         if payload == crate::shared::PANIC_PAYLOAD {
             panic!("fault injection: panic inside tf_send");
         }
-        match event_loop::local_send(&self.shared, id, payload) {
+        match event_loop::local_send(sh, id, payload) {
             Some(r) => r,
-            None => self.shared.send_from_host(id, payload),
+            None => sh.send_from_host(id, payload),
         }
     }
 
     /// Ok while calls may still queue frames: the right process, no stop.
     pub fn check_live(&self) -> Result<()> {
         self.check_process()?;
-        if self.shared.stopping.load(Ordering::Acquire) {
+        if self.first().stopping.load(Ordering::Acquire) {
             return Err(Error::stopped());
         }
         Ok(())
@@ -53,7 +54,7 @@ impl Server {
     /// code per entry. Err (and nothing queued) once stop has begun.
     pub fn send_batch(&self, entries: &[(u64, Result<&[u8]>)]) -> Result<Vec<i32>> {
         self.check_live()?;
-        let max_frame = self.shared.max_frame;
+        let max_frame = self.first().max_frame;
         let check = |p: &Result<&[u8]>| -> Result<()> {
             let p = p.as_ref().map_err(Clone::clone)?;
             if p.len() > max_frame as usize {
@@ -66,57 +67,79 @@ impl Server {
         codes
             .try_reserve_exact(entries.len())
             .map_err(|_| Error::new(Code::Full, "no memory for the batch"))?;
-        let local = event_loop::with_state(&self.shared, |st| {
-            for (id, p) in entries {
-                codes.push(code(check(p).and_then(|()| st.send(*id, p.as_ref().expect("checked")))));
-            }
-        });
-        if local.is_some() {
-            return Ok(codes);
-        }
-        let mut inbox = self.shared.lock_inbox();
-        if inbox.stop_deadline.is_some() {
-            return Err(Error::stopped());
-        }
-        for (id, p) in entries {
-            let r = check(p).and_then(|()| {
-                self.shared.send_locked(&mut inbox, *id, Frame::One(p.as_ref().expect("checked")))
+        // Runs of entries for one loop: without a lock on that loop's own
+        // thread, under one lock of its inbox elsewhere.
+        for run in self.runs(entries, |e| e.0) {
+            let sh = self.route(run[0].0);
+            let local = event_loop::with_state(sh, |st| {
+                for (id, p) in run {
+                    codes.push(code(check(p).and_then(|()| st.send(*id, p.as_ref().expect("checked")))));
+                }
             });
-            codes.push(code(r));
-        }
-        drop(inbox);
-        if codes.contains(&0) {
-            self.shared.wake();
+            if local.is_some() {
+                continue;
+            }
+            let mut inbox = sh.lock_inbox();
+            if inbox.stop_deadline.is_some() {
+                return Err(Error::stopped());
+            }
+            let before = codes.len();
+            for (id, p) in run {
+                let r = check(p)
+                    .and_then(|()| sh.send_locked(&mut inbox, *id, Frame::One(p.as_ref().expect("checked"))));
+                codes.push(code(r));
+            }
+            drop(inbox);
+            if codes[before..].contains(&0) {
+                sh.wake();
+            }
         }
         Ok(codes)
     }
 
-    pub fn close(&self, id: u64) -> Result<()> {
-        self.check_process()?;
-        if self.shared.stopping.load(Ordering::Acquire) {
-            return Err(Error::stopped());
+    /// Splits `items` into runs of consecutive items whose connections live
+    /// on the same loop (one run with a single loop).
+    fn runs<'a, T>(&self, items: &'a [T], id: impl Fn(&T) -> u64) -> Vec<&'a [T]> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for i in 1..=items.len() {
+            if i == items.len() || self.core.loop_of(id(&items[i])) != self.core.loop_of(id(&items[start])) {
+                if start < i {
+                    out.push(&items[start..i]);
+                }
+                start = i;
+            }
         }
-        match event_loop::local_close(&self.shared, id) {
+        out
+    }
+
+    pub fn close(&self, id: u64) -> Result<()> {
+        self.check_live()?;
+        let sh = self.route(id);
+        match event_loop::local_close(sh, id) {
             Some(r) => r,
-            None => self.shared.close_from_host(id),
+            None => sh.close_from_host(id),
         }
     }
 
     /// tf_conn_abort: drop what is queued, reset, on_close(LOCAL).
     pub fn abort(&self, id: u64) -> Result<()> {
-        self.check_process()?;
-        if self.shared.stopping.load(Ordering::Acquire) {
-            return Err(Error::stopped());
-        }
-        match event_loop::local_abort(&self.shared, id) {
+        self.check_live()?;
+        let sh = self.route(id);
+        match event_loop::local_abort(sh, id) {
             Some(r) => r,
-            None => self.shared.abort_from_host(id),
+            None => sh.abort_from_host(id),
         }
     }
 
+    /// Totals over every loop thread.
     pub fn stats(&self) -> Result<StatsSnapshot> {
         self.check_process()?;
-        Ok(self.shared.stats.snapshot())
+        let mut total = StatsSnapshot::default();
+        for sh in &self.loops {
+            total.add(&sh.stats.snapshot());
+        }
+        Ok(total)
     }
 }
 
@@ -140,12 +163,12 @@ impl Server {
     /// lock inside a callback of this server, under the inbox lock elsewhere.
     fn with_conn<R>(&self, id: u64, f: impl FnOnce(&ConnShared) -> R) -> Result<R> {
         let mut f = Some(f);
-        let local =
-            event_loop::with_state(&self.shared, |st| st.lookup(id).map(|c| (f.take().expect("once"))(c)));
+        let sh = self.route(id);
+        let local = event_loop::with_state(sh, |st| st.lookup(id).map(|c| (f.take().expect("once"))(c)));
         if let Some(Some(r)) = local {
             return Ok(r);
         }
-        let inbox = self.shared.lock_inbox();
+        let inbox = sh.lock_inbox();
         match inbox.registry.get(&id) {
             Some(c) => Ok((f.take().expect("once"))(c)),
             None => Err(Error::no_conn(id)),
@@ -169,30 +192,31 @@ impl Server {
     /// tf_conn_pause / tf_conn_resume.
     pub fn pause(&self, id: u64, pause: bool) -> Result<()> {
         self.check_live()?;
-        let local =
-            event_loop::with_state(&self.shared, |st| if pause { st.pause(id) } else { st.resume(id) });
+        let sh = self.route(id);
+        let local = event_loop::with_state(sh, |st| if pause { st.pause(id) } else { st.resume(id) });
         if let Some(r) = local {
             return r;
         }
-        self.shared.pause_from_host(id, pause)
+        sh.pause_from_host(id, pause)
     }
 
     /// tf_sendv, tf_send_many's single entries: any frame form.
     pub fn send_frame(&self, id: u64, frame: Frame<'_>) -> Result<()> {
         self.check_live()?;
-        if frame.len() > self.shared.max_frame as usize {
-            return Err(too_large(frame.len(), self.shared.max_frame));
+        let sh = self.route(id);
+        if frame.len() > sh.max_frame as usize {
+            return Err(too_large(frame.len(), sh.max_frame));
         }
-        if let Some(r) = event_loop::with_state(&self.shared, |st| st.send_frame(id, frame)) {
+        if let Some(r) = event_loop::with_state(sh, |st| st.send_frame(id, frame)) {
             return r;
         }
-        let mut inbox = self.shared.lock_inbox();
+        let mut inbox = sh.lock_inbox();
         if inbox.stop_deadline.is_some() {
             return Err(Error::stopped());
         }
-        self.shared.send_locked(&mut inbox, id, frame)?;
+        sh.send_locked(&mut inbox, id, frame)?;
         drop(inbox);
-        self.shared.wake();
+        sh.wake();
         Ok(())
     }
 
@@ -200,8 +224,9 @@ impl Server {
     /// bytes are held once for all); returns how many took it.
     pub fn send_many(&self, ids: &[u64], payload: &[u8]) -> Result<usize> {
         self.check_live()?;
-        if payload.len() > self.shared.max_frame as usize {
-            return Err(too_large(payload.len(), self.shared.max_frame));
+        let max_frame = self.first().max_frame;
+        if payload.len() > max_frame as usize {
+            return Err(too_large(payload.len(), max_frame));
         }
         if ids.is_empty() {
             return Ok(0);
@@ -218,43 +243,62 @@ impl Server {
         } else {
             Frame::One(payload)
         };
-        let local = event_loop::with_state(&self.shared, |st| {
-            ids.iter().filter(|&&id| st.send_frame(id, frame).is_ok()).count()
-        });
-        if let Some(n) = local {
-            return Ok(n);
+        let mut total = 0;
+        for run in self.runs(ids, |&id| id) {
+            let sh = self.route(run[0]);
+            let local = event_loop::with_state(sh, |st| {
+                run.iter().filter(|&&id| st.send_frame(id, frame).is_ok()).count()
+            });
+            if let Some(n) = local {
+                total += n;
+                continue;
+            }
+            let mut inbox = sh.lock_inbox();
+            if inbox.stop_deadline.is_some() {
+                return Err(Error::stopped());
+            }
+            let n = run.iter().filter(|&&id| sh.send_locked(&mut inbox, id, frame).is_ok()).count();
+            drop(inbox);
+            if n > 0 {
+                sh.wake();
+            }
+            total += n;
         }
-        let mut inbox = self.shared.lock_inbox();
-        if inbox.stop_deadline.is_some() {
-            return Err(Error::stopped());
-        }
-        let n = ids.iter().filter(|&&id| self.shared.send_locked(&mut inbox, id, frame).is_ok()).count();
-        drop(inbox);
-        if n > 0 {
-            self.shared.wake();
-        }
-        Ok(n)
+        Ok(total)
     }
 
     /// tf_connect: the new connection's id; it connects from the loop.
     pub fn connect(&self, addr: &str) -> Result<u64> {
         self.check_live()?;
         let addr = crate::addr::Address::parse_connect(addr)?;
-        self.shared.connect(addr)
+        if !self.core.take_conn_slot() {
+            return Err(Error::new(
+                Code::Full,
+                format!(
+                    "max connections ({}) reached, counting connections being established",
+                    self.core.max_connections
+                ),
+            ));
+        }
+        let id = self.core.next_id.fetch_add(1, Ordering::AcqRel);
+        self.route(id).connect(id, addr).inspect_err(|_| self.core.give_conn_slot())?;
+        Ok(id)
     }
 
     /// tf_server_drain: closes the listener now (from a callback of this
     /// server: as soon as the callback returns, before any other accept).
     pub fn drain(&self) -> Result<()> {
         self.check_live()?;
-        self.shared.drain_requested.store(true, Ordering::Release);
-        if event_loop::current_loop() == Some(std::sync::Arc::as_ptr(&self.shared) as usize) {
+        // Loop 0 owns the listener.
+        let sh = self.first();
+        sh.drain_requested.store(true, Ordering::Release);
+        if event_loop::current_loop_shared() == Some(std::sync::Arc::as_ptr(sh) as usize) {
             return Ok(());
         }
-        self.shared.wake();
-        let mut closed = self.shared.drained.lock().unwrap_or_else(|p| p.into_inner());
+        sh.wake();
+        let mut closed = sh.drained.lock().unwrap_or_else(|p| p.into_inner());
         while !*closed {
-            closed = self.shared.drained_cv.wait(closed).unwrap_or_else(|p| p.into_inner());
+            closed = sh.drained_cv.wait(closed).unwrap_or_else(|p| p.into_inner());
         }
         Ok(())
     }
@@ -272,7 +316,7 @@ impl Server {
             age_ms: c.born.elapsed().as_millis() as u64,
             outbound: c.outbound.load(Ordering::Relaxed),
             paused: c.paused.load(Ordering::Relaxed),
-            thread: 0,
+            thread: self.core.loop_of(id) as u32,
         })
     }
 }

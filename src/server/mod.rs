@@ -11,21 +11,23 @@ use crate::addr::Address;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::event_loop::{self, Handler, Starter};
-use crate::shared::{Inbox, Shared, Stats};
+use crate::shared::{Core, Inbox, Shared, Stats};
 use crate::sys::{self, Interest, Poller, Waker};
 use std::net::SocketAddr;
 use std::os::fd::{IntoRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// A started server: the handle behind tf_server.
+/// A started server: the handle behind tf_server. One or more loop threads;
+/// connection `id` lives on loop `core.loop_of(id)`.
 pub struct Server {
-    shared: Arc<Shared>,
-    /// Holds the loop at its start until the host has its handle (see `open`).
-    gate: Mutex<Option<std::sync::mpsc::Sender<()>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    loops: Vec<Arc<Shared>>,
+    core: Arc<Core>,
+    /// Holds each loop at its start until the host has its handle (see `open`).
+    gates: Mutex<Vec<std::sync::mpsc::Sender<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     /// The TCP address listened on (None for other transports).
     local: Option<SocketAddr>,
 }
@@ -67,6 +69,11 @@ impl Listening {
         Ok(Listening { fd, file, local, text, inherited })
     }
 
+    /// No listener (loops other than 0).
+    fn none(text: &str) -> Listening {
+        Listening { fd: None, file: None, local: None, text: text.to_string(), inherited: false }
+    }
+
     /// The start failed after all: an inherited descriptor stays open (the
     /// host's again); a socket file we created is removed.
     fn give_back(self) {
@@ -82,67 +89,100 @@ impl Listening {
 }
 
 impl Server {
-    /// Binds, listens and starts the loop thread. Errors are reported here:
-    /// nothing runs when this fails.
-    pub fn start<H: Handler + Send + 'static>(config: &Config, handler: H) -> Result<Server> {
+    /// Binds, listens and starts the loop threads (`config.threads`).
+    /// Errors are reported here: nothing runs when this fails. `make(i)`
+    /// builds loop i's handler (callbacks, or its side of the pull queue).
+    pub fn start<H: Handler + Send + 'static>(
+        config: &Config,
+        mut make: impl FnMut(usize) -> H,
+    ) -> Result<Server> {
         let epoch = sys::process_epoch();
         let backend = config.resolved_backend();
-        let mut poller = Poller::new(backend).map_err(|e| Error::io("create poller", e))?;
-        let waker = Waker::new().map_err(|e| Error::io("create eventfd", e))?;
-        poller
-            .add(waker.fd(), event_loop::WAKER, Interest::READ)
-            .map_err(|e| Error::io("register waker", e))?;
+        let n = config.resolved_threads();
+        let core = Arc::new(Core::new(config.max_connections as usize, n));
+        let mut pollers = Vec::with_capacity(n);
+        let mut loops = Vec::with_capacity(n);
+        for index in 0..n {
+            let mut poller = Poller::new(backend).map_err(|e| Error::io("create poller", e))?;
+            let waker = Waker::new().map_err(|e| Error::io("create eventfd", e))?;
+            poller
+                .add(waker.fd(), event_loop::WAKER, Interest::READ)
+                .map_err(|e| Error::io("register waker", e))?;
+            pollers.push(poller);
+            loops.push(Arc::new(Shared {
+                epoch,
+                track_writable: config.writable_events,
+                max_frame: config.effective_max_frame(),
+                format: config.prefix,
+                max_queued_output: config.max_queued_output,
+                stopping: AtomicBool::new(false),
+                silent: AtomicBool::new(false),
+                inbox: Mutex::new(Inbox::default()),
+                wake_pending: AtomicBool::new(false),
+                waker,
+                stats: Stats::default(),
+                core: core.clone(),
+                index,
+                drain_requested: AtomicBool::new(false),
+                drained: Mutex::new(false),
+                drained_cv: std::sync::Condvar::new(),
+            }));
+        }
         let listening = Listening::open(config)?;
         if let Some(fd) = &listening.fd {
-            if let Err(e) = poller.add(sys::raw(fd), event_loop::LISTENER, Interest::READ) {
+            if let Err(e) = pollers[0].add(sys::raw(fd), event_loop::LISTENER, Interest::READ) {
                 listening.give_back();
                 return Err(Error::io("register listener", e));
             }
         }
         let local = listening.local;
-        let shared = Arc::new(Shared {
-            epoch,
-            track_writable: config.writable_events,
-            max_frame: config.effective_max_frame(),
-            format: config.prefix,
-            max_queued_output: config.max_queued_output,
-            stopping: AtomicBool::new(false),
-            silent: AtomicBool::new(false),
-            inbox: Mutex::new(Inbox::default()),
-            wake_pending: AtomicBool::new(false),
-            waker,
-            stats: Stats::default(),
-            deferred: Mutex::new((false, None)),
-            next_id: AtomicU64::new(1),
-            conns: AtomicUsize::new(0),
-            max_connections: config.max_connections as usize,
-            drain_requested: AtomicBool::new(false),
-            drained: Mutex::new(false),
-            drained_cv: std::sync::Condvar::new(),
-        });
-        let lp = Starter::new(config, shared.clone(), poller, listening, backend, handler);
-        let (gate, opened) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("tcpframe-loop".into())
-            .spawn(move || {
-                // Wait until tf_server_start has written *out (or gave up):
-                // no callback may run before the host holds its handle.
-                let _ = opened.recv();
-                lp.run()
-            })
-            .map_err(|e| Error::io("spawn the loop thread", e))?;
-        Ok(Server { shared, gate: Mutex::new(Some(gate)), thread: Mutex::new(Some(thread)), local })
+        let text = listening.text.clone();
+        let mut listening = Some(listening);
+        let mut gates = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for (index, poller) in pollers.into_iter().enumerate() {
+            let l =
+                if index == 0 { listening.take().expect("loop 0 listens") } else { Listening::none(&text) };
+            let lp =
+                Starter::new(config, loops[index].clone(), poller, l, backend, make(index), loops.clone());
+            let (gate, opened) = std::sync::mpsc::channel::<()>();
+            let spawned =
+                std::thread::Builder::new().name(format!("tcpframe-loop-{index}")).spawn(move || {
+                    // Wait until tf_server_start has written *out (or gave up):
+                    // no callback may run before the host holds its handle.
+                    let _ = opened.recv();
+                    lp.run()
+                });
+            match spawned {
+                Ok(t) => {
+                    gates.push(gate);
+                    threads.push(t);
+                }
+                Err(e) => {
+                    // Stop the loops already started, then report.
+                    for sh in &loops {
+                        sh.begin_stop(Duration::ZERO);
+                    }
+                    drop(gates);
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(Error::io("spawn a loop thread", e));
+                }
+            }
+        }
+        Ok(Server { loops, core, gates: Mutex::new(gates), threads: Mutex::new(threads), local })
     }
 
     /// Lets the loop run. Called once the host has the handle; dropping the
     /// server without it also opens the gate.
     pub fn open(&self) {
-        self.gate.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.gates.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Fails in a child process forked after the server started.
     pub fn check_process(&self) -> Result<()> {
-        if sys::process_epoch() != self.shared.epoch {
+        if sys::process_epoch() != self.loops[0].epoch {
             Err(Error::forked())
         } else {
             Ok(())
@@ -154,8 +194,23 @@ impl Server {
         self.local.map_or(0, |a| a.port())
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    /// Every loop's shared state, loop 0 first.
+    pub fn loops(&self) -> &[Arc<Shared>] {
+        &self.loops
+    }
+
+    pub fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    /// Loop 0: the listener's, and the one for server-wide flags.
+    pub(crate) fn first(&self) -> &Arc<Shared> {
+        &self.loops[0]
+    }
+
+    /// The loop connection `id` lives on.
+    pub(crate) fn route(&self, id: u64) -> &Arc<Shared> {
+        &self.loops[self.core.loop_of(id)]
     }
 
     /// Stops accepting, drains for up to `drain`, closes everything, joins
@@ -175,10 +230,12 @@ impl Server {
     }
 
     fn join_loop(&self, drain: Duration) {
-        self.shared.begin_stop(drain);
+        for sh in &self.loops {
+            sh.begin_stop(drain);
+        }
         self.open();
-        let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(handle) = thread.take() {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for handle in threads {
             // The loop catches its own panics; a join error is not expected.
             let _ = handle.join();
         }
@@ -189,7 +246,7 @@ impl Server {
     /// Returns Freed::Now when the handle may be dropped at once, or
     /// Freed::ByLoop when the loop thread must drop it (see `Shared::defer_drop`).
     pub fn stop_for_free(&self) -> Freed {
-        let mine = Arc::as_ptr(&self.shared) as usize;
+        let mine = Arc::as_ptr(&self.core) as usize;
         match event_loop::current_loop() {
             // Inside one of its own callbacks: waiting would wait for ourselves.
             Some(here) if here == mine => {
@@ -219,11 +276,13 @@ impl Server {
     /// Stop at once, run no callback again, and let the loop thread end on
     /// its own (its current callback, if any, returns first).
     fn abandon(&self) {
-        self.shared.silent.store(true, Ordering::Release);
-        self.shared.begin_stop(Duration::ZERO);
+        for sh in &self.loops {
+            sh.silent.store(true, Ordering::Release);
+            sh.begin_stop(Duration::ZERO);
+        }
         self.open();
-        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        drop(handle); // detaches
+        // Detached: each ends on its own.
+        self.threads.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 

@@ -22,6 +22,11 @@ pub fn backend_from_env() -> i32 {
     }
 }
 
+/// TCPFRAME_TEST_THREADS=n: loop threads for every test server.
+pub fn threads_from_env() -> Option<u32> {
+    std::env::var("TCPFRAME_TEST_THREADS").ok().and_then(|v| v.parse().ok())
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ev {
     Connect(u64, String),
@@ -225,6 +230,9 @@ pub struct Opts {
     pub max_queued: Option<u64>,
     pub close_timeout_ms: Option<u32>,
     pub max_buffered: Option<u64>,
+    /// Loop threads (overrides TCPFRAME_TEST_THREADS): for tests of what
+    /// one loop thread guarantees (one callback at a time).
+    pub threads: Option<u32>,
     pub echo: bool,
     pub record: bool,
     pub backend: i32,
@@ -240,6 +248,7 @@ impl Default for Opts {
             max_queued: None,
             close_timeout_ms: None,
             max_buffered: None,
+            threads: None,
             echo: true,
             record: true,
             backend: backend_from_env(),
@@ -285,6 +294,10 @@ pub fn config(o: &Opts) -> *mut tf_config {
             assert_eq!(tf_config_set_max_buffered(cfg, n), TF_OK);
         }
         assert_eq!(tf_config_set_backend(cfg, o.backend), TF_OK);
+        // TCPFRAME_TEST_THREADS=n runs the suite with n loop threads.
+        if let Some(n) = o.threads.or_else(threads_from_env) {
+            assert_eq!(tf_config_set_threads(cfg, n), TF_OK);
+        }
     }
     cfg
 }
@@ -486,6 +499,11 @@ pub struct Hooks {
     pub on_connect: Option<HookConnect>,
     pub on_message: Option<HookMessage>,
     pub on_close: Option<HookClose>,
+    /// Set: the server is started with tf_config_set_on_writable.
+    pub on_writable: Option<HookWritable>,
+    /// Set: the server is started with tf_config_set_on_messages and a NULL
+    /// on_message (frames come in arrays; each is recorded like a message).
+    pub on_messages: Option<HookMessages>,
 }
 
 /// (server, conn) -> 0 to accept, as the C callback.
@@ -494,10 +512,22 @@ pub type HookConnect = Box<dyn Fn(*mut tf_server, u64) -> c_int + Send + Sync>;
 pub type HookMessage = Box<dyn Fn(*mut tf_server, u64, &[u8]) + Send + Sync>;
 /// (server, conn, reason).
 pub type HookClose = Box<dyn Fn(*mut tf_server, u64, i32) + Send + Sync>;
+/// (server, conn): tf_config_set_on_writable's callback.
+pub type HookWritable = Box<dyn Fn(*mut tf_server, u64) + Send + Sync>;
+/// (server, events): tf_config_set_on_messages' callback.
+pub type HookMessages = Box<dyn Fn(*mut tf_server, &[tf_event]) + Send + Sync>;
 
 impl Default for Hooks {
     fn default() -> Hooks {
-        Hooks { rec: Recorder::empty(), record: true, on_connect: None, on_message: None, on_close: None }
+        Hooks {
+            rec: Recorder::empty(),
+            record: true,
+            on_connect: None,
+            on_message: None,
+            on_close: None,
+            on_writable: None,
+            on_messages: None,
+        }
     }
 }
 
@@ -546,6 +576,41 @@ unsafe extern "C" fn hook_close(user: *mut c_void, conn: u64, reason: i32) {
     h.rec.push(Ev::Close(conn, reason));
 }
 
+unsafe extern "C" fn hook_writable(user: *mut c_void, conn: u64) {
+    let h = hooks(user);
+    if let Some(f) = &h.on_writable {
+        f(h.rec.srv.load(Ordering::SeqCst), conn);
+    }
+    h.rec.changed.notify_all();
+}
+
+unsafe extern "C" fn hook_messages(user: *mut c_void, events: *const tf_event, count: usize) {
+    let h = hooks(user);
+    let evs: &[tf_event] = if count == 0 {
+        &[]
+    } else {
+        // SAFETY: the library passes `count` events valid during the call.
+        unsafe { std::slice::from_raw_parts(events, count) }
+    };
+    h.rec.messages.fetch_add(evs.len() as u64, Ordering::SeqCst);
+    if let Some(f) = &h.on_messages {
+        f(h.rec.srv.load(Ordering::SeqCst), evs);
+    }
+    if h.record {
+        let mut recorded = h.rec.events.lock().unwrap();
+        for e in evs {
+            let payload = if e.len == 0 {
+                Vec::new()
+            } else {
+                // SAFETY: a MESSAGE event's data is `len` readable bytes during the call.
+                unsafe { std::slice::from_raw_parts(e.data, e.len) }.to_vec()
+            };
+            recorded.push(Ev::Message(e.conn, payload));
+        }
+    }
+    h.rec.changed.notify_all();
+}
+
 /// A server whose callbacks are `Hooks`. Dropping it stops and frees the
 /// server unless the test freed it some other way (`disown`).
 pub struct HookServer {
@@ -562,14 +627,32 @@ unsafe impl Sync for HookServer {}
 
 impl HookServer {
     pub fn start(o: Opts, hooks: Hooks) -> HookServer {
+        HookServer::start_with(o, hooks, |_| {})
+    }
+
+    /// `start`, with `extra` applied to the configuration before the start
+    /// (slow consumer, prefix...). on_writable / on_messages are set from
+    /// the hooks.
+    pub fn start_with(o: Opts, hooks: Hooks, extra: impl FnOnce(*mut tf_config)) -> HookServer {
         let hooks = std::sync::Arc::new(hooks);
+        let batched = hooks.on_messages.is_some();
         let cb = tf_callbacks {
             user_data: std::sync::Arc::as_ptr(&hooks) as *mut c_void,
             on_connect: Some(hook_connect),
-            on_message: Some(hook_message),
+            on_message: if batched { None } else { Some(hook_message) },
             on_close: Some(hook_close),
         };
         let cfg = config(&o);
+        // SAFETY: cfg is live.
+        unsafe {
+            if hooks.on_writable.is_some() {
+                assert_eq!(tf_config_set_on_writable(cfg, Some(hook_writable)), TF_OK);
+            }
+            if batched {
+                assert_eq!(tf_config_set_on_messages(cfg, Some(hook_messages)), TF_OK);
+            }
+        }
+        extra(cfg);
         // tf_server_start writes *out before any callback can run: callbacks
         // read the handle from here.
         let out = hooks.rec.srv.as_ptr();
@@ -670,5 +753,89 @@ pub fn connect_small_rcvbuf(addr: SocketAddr, bytes: i32) -> TcpStream {
         s.set_read_timeout(Some(WAIT)).unwrap();
         s.set_write_timeout(Some(WAIT)).unwrap();
         s
+    }
+}
+
+/// tf_send of `chunk` until TF_ERR_FULL; returns how many were queued.
+pub fn fill_until_full(srv: *mut tf_server, conn: u64, chunk: &[u8]) -> usize {
+    let mut n = 0;
+    loop {
+        // SAFETY: srv is live for the caller.
+        match unsafe { tf_send(srv, conn, chunk.as_ptr(), chunk.len()) } {
+            TF_OK => n += 1,
+            TF_ERR_FULL => return n,
+            rc => panic!("tf_send while filling: {rc} ({})", last_error()),
+        }
+        assert!(n * chunk.len() < 1 << 30, "1 GiB queued and still no TF_ERR_FULL");
+    }
+}
+
+/// Queues 16 KiB frames for a peer that does not read, never past half of
+/// `limit` (so never TF_ERR_FULL), until the kernel's buffers are full and
+/// stay full: from then on the queue drains only when the peer reads.
+/// Returns the bytes queued (prefixes included).
+pub fn saturate_kernel(srv: *mut tf_server, conn: u64, limit: u64) -> usize {
+    let chunk = vec![0x11u8; 16 * 1024];
+    let deadline = Instant::now() + WAIT;
+    let (mut total, mut stable, mut last) = (0usize, 0, u64::MAX);
+    while stable < 10 {
+        assert!(Instant::now() < deadline, "the kernel never stopped taking bytes");
+        let mut i = std::mem::MaybeUninit::<tf_conn_info>::uninit();
+        // SAFETY: srv is live for the caller; i is written on success.
+        assert_eq!(unsafe { tf_conn_get_info(srv, conn, i.as_mut_ptr()) }, TF_OK, "{}", last_error());
+        // SAFETY: written by the TF_OK call above.
+        let q = unsafe { i.assume_init() }.queued_output;
+        if q + (4 + chunk.len()) as u64 <= limit / 2 {
+            // SAFETY: srv is live for the caller.
+            assert_eq!(unsafe { tf_send(srv, conn, chunk.as_ptr(), chunk.len()) }, TF_OK);
+            total += 4 + chunk.len();
+            (stable, last) = (0, u64::MAX);
+            continue;
+        }
+        if q == last {
+            stable += 1;
+        } else {
+            (stable, last) = (0, q);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    total
+}
+
+impl HookServer {
+    /// `start_with` for any listening address, the ones without a port
+    /// included ("unix:/path", "unix:@name", "fd:N", "none"): `port` is what
+    /// tf_server_port says (0 for those) and `addr` is then 127.0.0.1:0.
+    pub fn start_any(o: Opts, hooks: Hooks, extra: impl FnOnce(*mut tf_config)) -> HookServer {
+        let hooks = std::sync::Arc::new(hooks);
+        let batched = hooks.on_messages.is_some();
+        let cb = tf_callbacks {
+            user_data: std::sync::Arc::as_ptr(&hooks) as *mut c_void,
+            on_connect: Some(hook_connect),
+            on_message: if batched { None } else { Some(hook_message) },
+            on_close: Some(hook_close),
+        };
+        let cfg = config(&o);
+        // SAFETY: cfg is live.
+        unsafe {
+            if hooks.on_writable.is_some() {
+                assert_eq!(tf_config_set_on_writable(cfg, Some(hook_writable)), TF_OK);
+            }
+            if batched {
+                assert_eq!(tf_config_set_on_messages(cfg, Some(hook_messages)), TF_OK);
+            }
+        }
+        extra(cfg);
+        let out = hooks.rec.srv.as_ptr();
+        // SAFETY: cfg, cb and out are live.
+        let rc = unsafe { tf_server_start(cfg, &cb, out) };
+        // SAFETY: cfg came from tf_config_new.
+        unsafe { tf_config_free(cfg) };
+        assert_eq!(rc, TF_OK, "tf_server_start on {}: {}", o.addr, last_error());
+        let srv = hooks.rec.srv.load(Ordering::SeqCst);
+        // SAFETY: srv is live.
+        let port = unsafe { tf_server_port(srv) };
+        let addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port);
+        HookServer { srv, hooks, port, addr, owned: true }
     }
 }
