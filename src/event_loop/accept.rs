@@ -139,7 +139,11 @@ impl<H: Handler> EventLoop<H> {
             return;
         }
         let fd = sys::raw(&a.fd);
-        debug_assert!(sys::nodelay(fd).unwrap_or(true), "TCP_NODELAY is inherited from the listener");
+        if self.set_nodelay && a.peer.is_some() {
+            // An inherited listener (fd:N) may lack TCP_NODELAY, which ours
+            // have (accepted sockets inherit it): small frames must not wait.
+            let _ = sys::set_nodelay(fd);
+        }
         // Its idle clock starts now, however long this iteration has run.
         let conn = Conn::new(id, a.fd, self.max_frame, self.format, Instant::now());
         let slot = self.state.borrow_mut().insert(conn);

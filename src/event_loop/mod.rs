@@ -120,6 +120,8 @@ pub struct EventLoop<H: Handler> {
     state: Rc<RefCell<State>>,
     poller: Poller,
     listener: Option<OwnedFd>,
+    /// Set TCP_NODELAY on each accepted socket (an inherited listener).
+    set_nodelay: bool,
     /// The socket file this server created (removed when the listener goes).
     socket_file: Option<sys::SocketFile>,
     /// The listening address, as the host gave it (for the log).

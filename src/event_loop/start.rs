@@ -91,6 +91,7 @@ impl<H: Handler> Starter<H> {
             poller: self.poller,
             listener: self.listening.fd,
             socket_file: self.listening.file,
+            set_nodelay: self.listening.inherited,
             address: self.listening.text,
             backend: self.backend,
             handler: self.handler,

@@ -41,7 +41,7 @@ pub struct Listening {
     pub text: String,
     /// fd:N: the host's descriptor, to be given back (left open) if the
     /// start fails after all.
-    inherited: bool,
+    pub inherited: bool,
 }
 
 impl Listening {

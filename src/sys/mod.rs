@@ -7,7 +7,9 @@ mod socket;
 mod unix;
 mod waker;
 
-pub use socket::{accept, discard_input, listen, nodelay, raw, recv, send, sendv, set_linger_zero, Accepted};
+pub use socket::{
+    accept, discard_input, listen, nodelay, raw, recv, send, sendv, set_linger_zero, set_nodelay, Accepted,
+};
 pub use unix::{
     adopt, check_inherited_listener, connect, connect_result, listen_unix, local_addr, peer_cred,
     remove_socket_file, set_nonblocking_cloexec, SocketFile,

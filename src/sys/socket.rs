@@ -133,6 +133,11 @@ pub fn accept(listener: RawFd) -> io::Result<Accepted> {
     Ok(Accepted { fd, peer: from_sockaddr(&storage) })
 }
 
+/// Sets TCP_NODELAY (for sockets accepted on an inherited listener).
+pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
+    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)
+}
+
 /// Whether TCP_NODELAY is set (tests check that accepted sockets inherit it).
 pub fn nodelay(fd: RawFd) -> io::Result<bool> {
     let mut v: libc::c_int = 0;
