@@ -89,7 +89,7 @@ impl<H: Handler> EventLoop<H> {
         }
     }
 
-    fn admit(&mut self, a: sys::Accepted) {
+    pub(super) fn admit(&mut self, a: sys::Accepted) {
         let stats = &self.shared.stats;
         if self.shared.stopping.load(Ordering::Acquire) {
             // Stop has begun: no on_connect any more.

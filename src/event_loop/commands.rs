@@ -10,6 +10,10 @@ use crate::sys::{self, Interest};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+/// Most queued connections a drain takes before closing the listener (the
+/// listen backlog is 1024).
+const DRAIN_ACCEPTS: usize = 4096;
+
 impl<H: Handler> EventLoop<H> {
     /// Applies what host threads queued, and notices a stop request.
     pub(super) fn drain_inbox(&mut self) {
@@ -130,6 +134,16 @@ impl<H: Handler> EventLoop<H> {
             return;
         }
         self.drained = true;
+        // Connections the kernel completed already are served, not reset:
+        // take the whole accept queue (bounded by the backlog) first.
+        if let Some(listener) = self.listener.as_ref().map(sys::raw) {
+            for _ in 0..DRAIN_ACCEPTS {
+                match sys::accept(listener) {
+                    Ok(a) => self.admit(a),
+                    Err(_) => break,
+                }
+            }
+        }
         let address = self.address.clone();
         self.close_listener();
         self.log.log(super::log::Topic::Lifecycle, crate::config::LogLevel::Info, || {
