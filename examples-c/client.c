@@ -1,114 +1,143 @@
-/* client: a plain-socket tcpframe client (it does not use the library). Sends
- * each stdin line, without its newline, as one frame; prints each frame it
- * receives as one line.
+/* client: a tcpframe client built on the library's outbound connections: a
+ * server with address "none" (no listener) and one tf_connect. Sends each
+ * stdin line, without its newline, as one frame; prints each frame it receives
+ * as one line.
  *
- *   client [-t WAIT_MS] [ADDRESS]        (default 127.0.0.1:5882, "[::1]:5882" for IPv6)
+ *   client [-t WAIT_MS] [ADDRESS]   (default 127.0.0.1:5882; also "[::1]:5882",
+ *                                    "localhost:5882", "unix:/path", "unix:@name")
  *
- * At end of input it waits, up to WAIT_MS (default 5000), until it has received
- * as many frames as it sent (the echo server's promise), then exits 0. It exits 1
- * on a timeout, a connection error or a malformed reply. */
+ * tf_connect takes numeric addresses only: a host name is resolved here with
+ * getaddrinfo and each of its addresses is tried in turn. At end of input it
+ * waits, up to WAIT_MS (default 5000), until it has received as many frames as
+ * it sent (the echo server's promise), then exits 0. It exits 1 on a timeout, a
+ * connection error or a malformed reply (a frame over the 8 MiB limit).
+ *
+ * Threads: the library's loop thread runs the callbacks (it prints the frames);
+ * the main thread reads stdin and calls tf_send. They share `S`, under its lock. */
 #define _POSIX_C_SOURCE 200809L
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <netdb.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "tcpframe.h"
+
 #define DEFAULT_ADDRESS "127.0.0.1:5882"
-#define MAX_FRAME (8u * 1024u * 1024u) /* the library's default max frame */
+#define MAX_FRAME 8388608u /* the library's default max frame */
+#define MAX_TRIES 16       /* addresses tried for one host name */
 
-struct buf {
-    uint8_t *p;
-    size_t len, cap;
-};
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int connected, closed, writable, write_error;
+    int32_t reason;
+    long received;
+    char why[256]; /* the library's last log line: why a connect failed */
+} S = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, ""};
 
-static int buf_reserve(struct buf *b, size_t extra) {
-    if (b->cap - b->len >= extra)
-        return 0;
-    size_t cap = b->cap ? b->cap : 4096;
-    while (cap - b->len < extra) {
-        if (cap > SIZE_MAX / 2)
-            return -1;
-        cap *= 2;
-    }
-    uint8_t *p = realloc(b->p, cap);
-    if (p == NULL)
-        return -1;
-    b->p = p;
-    b->cap = cap;
+static int wake[2] = {-1, -1}; /* on_close wakes the main thread's poll() */
+
+static int on_connect(void *ud, tf_conn_id conn, const char *peer) {
+    (void)ud, (void)conn, (void)peer;
+    pthread_mutex_lock(&S.mu);
+    S.connected = 1;
+    pthread_cond_broadcast(&S.cv);
+    pthread_mutex_unlock(&S.mu);
     return 0;
 }
 
-static int buf_append(struct buf *b, const void *data, size_t n) {
-    if (buf_reserve(b, n) != 0)
-        return -1;
-    if (n > 0)
-        memcpy(b->p + b->len, data, n);
-    b->len += n;
-    return 0;
+static void on_message(void *ud, tf_conn_id conn, const uint8_t *data, size_t len) {
+    (void)ud, (void)conn;
+    int bad = (len > 0 && fwrite(data, 1, len, stdout) != len) || putchar('\n') == EOF ||
+              fflush(stdout) != 0;
+    pthread_mutex_lock(&S.mu);
+    S.received++;
+    S.write_error |= bad;
+    pthread_cond_broadcast(&S.cv);
+    pthread_mutex_unlock(&S.mu);
 }
 
-static void buf_consume(struct buf *b, size_t n) {
-    memmove(b->p, b->p + n, b->len - n);
-    b->len -= n;
+static void on_close(void *ud, tf_conn_id conn, int32_t reason) {
+    (void)ud, (void)conn;
+    pthread_mutex_lock(&S.mu);
+    int was_connected = S.connected;
+    S.closed = 1;
+    S.reason = reason;
+    pthread_cond_broadcast(&S.cv);
+    pthread_mutex_unlock(&S.mu);
+    if (was_connected) /* (a failed connect is dial's business) */
+        (void)!write(wake[1], "x", 1);
 }
 
-static int64_t now_ms(void) {
+static void on_writable(void *ud, tf_conn_id conn) {
+    (void)ud, (void)conn;
+    pthread_mutex_lock(&S.mu);
+    S.writable = 1;
+    pthread_cond_broadcast(&S.cv);
+    pthread_mutex_unlock(&S.mu);
+}
+
+static void on_log(void *ud, int32_t level, const char *msg) {
+    (void)ud, (void)level;
+    const char *p = strstr(msg, "failed to connect: ");
+    pthread_mutex_lock(&S.mu);
+    if (p != NULL)
+        snprintf(S.why, sizeof S.why, "%s", p + strlen("failed to connect: "));
+    pthread_mutex_unlock(&S.mu);
+}
+
+/* Waits on S.cv until `deadline` (CLOCK_REALTIME); 0 when it passed. Lock held. */
+static int wait_until(const struct timespec *deadline) {
+    return pthread_cond_timedwait(&S.cv, &S.mu, deadline) != ETIMEDOUT;
+}
+
+static struct timespec in_ms(long ms) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    return ts;
 }
 
-/* Splits "host:port" or "[v6host]:port" in place. */
-static int split_address(char *addr, char **host, char **port) {
-    if (addr[0] == '[') {
-        char *end = strchr(addr, ']');
+/* The addresses tf_connect may take for `address`: itself for unix:..., else
+ * each address getaddrinfo gives for HOST:PORT or [V6]:PORT. Returns how many. */
+static int candidates(const char *address, char out[][80], int max) {
+    if (strncmp(address, "unix:", 5) == 0) {
+        snprintf(out[0], 80, "%s", address);
+        return 1;
+    }
+    char copy[256], *host, *port;
+    snprintf(copy, sizeof copy, "%s", address);
+    if (copy[0] == '[') {
+        char *end = strchr(copy, ']');
         if (end == NULL || end[1] != ':')
             return -1;
         *end = '\0';
-        *host = addr + 1;
-        *port = end + 2;
+        host = copy + 1;
+        port = end + 2;
     } else {
-        char *colon = strrchr(addr, ':');
+        char *colon = strrchr(copy, ':');
         if (colon == NULL)
             return -1;
         *colon = '\0';
-        *host = addr;
-        *port = colon + 1;
+        host = copy;
+        port = colon + 1;
     }
-    return **host && **port ? 0 : -1;
-}
-
-/* A blocking connect: on loopback it succeeds or is refused at once. */
-static int connect_one(const struct addrinfo *ai) {
-    int fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
-    if (fd < 0)
+    if (!*host || !*port)
         return -1;
-    if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0)
-        return fd;
-    int err = errno;
-    close(fd);
-    errno = err;
-    return -1;
-}
-
-static int dial(const char *address) {
-    char *copy = strdup(address);
-    if (copy == NULL)
-        return -1;
-    char *host, *port;
-    if (split_address(copy, &host, &port) != 0) {
-        fprintf(stderr, "client: bad address %s (want HOST:PORT or [V6]:PORT)\n", address);
-        free(copy);
-        return -1;
-    }
     struct addrinfo hints, *res = NULL;
     memset(&hints, 0, sizeof hints);
     hints.ai_family = AF_UNSPEC;
@@ -117,85 +146,102 @@ static int dial(const char *address) {
     int gai = getaddrinfo(host, port, &hints, &res);
     if (gai != 0) {
         fprintf(stderr, "client: %s: %s\n", address, gai_strerror(gai));
-        free(copy);
-        return -1;
+        return 0;
     }
-    int fd = -1;
-    int err = 0;
-    for (struct addrinfo *ai = res; ai != NULL && fd < 0; ai = ai->ai_next) {
-        fd = connect_one(ai);
-        if (fd < 0)
-            err = errno;
+    int n = 0;
+    for (struct addrinfo *ai = res; ai != NULL && n < max; ai = ai->ai_next) {
+        char ip[INET6_ADDRSTRLEN];
+        if (ai->ai_family == AF_INET) {
+            struct sockaddr_in *a = (struct sockaddr_in *)ai->ai_addr;
+            inet_ntop(AF_INET, &a->sin_addr, ip, sizeof ip);
+            snprintf(out[n++], 80, "%s:%u", ip, (unsigned)ntohs(a->sin_port));
+        } else if (ai->ai_family == AF_INET6) {
+            struct sockaddr_in6 *a = (struct sockaddr_in6 *)ai->ai_addr;
+            inet_ntop(AF_INET6, &a->sin6_addr, ip, sizeof ip);
+            snprintf(out[n++], 80, "[%s]:%u", ip, (unsigned)ntohs(a->sin6_port));
+        }
     }
     freeaddrinfo(res);
-    if (fd < 0)
-        fprintf(stderr, "client: connect %s: %s\n", address, strerror(err));
-    free(copy);
-    return fd;
-}
-
-static uint32_t read_le32(const uint8_t *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-/* Queues one frame: 4-byte little-endian length, then the payload. */
-static int queue_frame(struct buf *out, const uint8_t *data, size_t len) {
-    if (len > MAX_FRAME) {
-        fprintf(stderr, "client: line of %zu bytes is over the %u-byte frame limit\n", len,
-                MAX_FRAME);
-        return -1;
-    }
-    uint8_t prefix[4] = {(uint8_t)len, (uint8_t)(len >> 8), (uint8_t)(len >> 16),
-                         (uint8_t)(len >> 24)};
-    if (buf_append(out, prefix, 4) != 0 || buf_append(out, data, len) != 0) {
-        fprintf(stderr, "client: out of memory\n");
-        return -1;
-    }
-    return 0;
-}
-
-/* Prints every whole frame in `in`; returns how many, or -1 on a malformed one. */
-static long print_frames(struct buf *in) {
-    long n = 0;
-    size_t off = 0;
-    while (in->len - off >= 4) {
-        uint32_t len = read_le32(in->p + off);
-        if (len > MAX_FRAME) {
-            fprintf(stderr, "client: server announced a %u-byte frame\n", (unsigned)len);
-            return -1;
-        }
-        if (in->len - off - 4 < len)
-            break;
-        if (fwrite(in->p + off + 4, 1, len, stdout) != len || putchar('\n') == EOF)
-            return -1;
-        off += 4 + (size_t)len;
-        n++;
-    }
-    buf_consume(in, off);
-    if (fflush(stdout) != 0)
-        return -1;
     return n;
 }
 
-/* Moves each complete stdin line (or the final unterminated one at EOF) to `out`. */
-static int lines_to_frames(struct buf *lines, struct buf *out, int at_eof, long *sent) {
+/* Connects to the first address that answers; its id, or 0 (reported). */
+static tf_conn_id dial(tf_server *srv, const char *address) {
+    char addrs[MAX_TRIES][80];
+    int n = candidates(address, addrs, MAX_TRIES);
+    if (n < 0) {
+        fprintf(stderr, "client: bad address %s (want HOST:PORT, [V6]:PORT or unix:PATH)\n", address);
+        return 0;
+    }
+    for (int i = 0; i < n; i++) {
+        tf_conn_id id = 0;
+        if (tf_connect(srv, addrs[i], &id) != TF_OK) {
+            fprintf(stderr, "client: connect %s: %s\n", address, tf_last_error());
+            return 0;
+        }
+        pthread_mutex_lock(&S.mu);
+        while (!S.connected && !S.closed) /* the library's connect timeout bounds this */
+            pthread_cond_wait(&S.cv, &S.mu);
+        int ok = S.connected;
+        S.closed = 0;
+        pthread_mutex_unlock(&S.mu);
+        if (ok)
+            return id;
+    }
+    pthread_mutex_lock(&S.mu);
+    if (n > 0)
+        fprintf(stderr, "client: connect %s: %s\n", address, S.why[0] ? S.why : "failed");
+    pthread_mutex_unlock(&S.mu);
+    return 0;
+}
+
+/* tf_send, waiting for room when the output queue is full. 0, or 1 (reported). */
+static int send_line(tf_server *srv, tf_conn_id id, const uint8_t *p, size_t len) {
+    for (;;) {
+        int32_t rc = tf_send(srv, id, p, len);
+        if (rc == TF_OK)
+            return 0;
+        if (rc == TF_ERR_TOO_LARGE) {
+            fprintf(stderr, "client: line of %zu bytes is over the %u-byte frame limit\n", len, MAX_FRAME);
+            return 1;
+        }
+        if (rc != TF_ERR_FULL)
+            return 1; /* closed: reported by the caller */
+        pthread_mutex_lock(&S.mu);
+        while (!S.writable && !S.closed)
+            pthread_cond_wait(&S.cv, &S.mu);
+        S.writable = 0;
+        pthread_mutex_unlock(&S.mu);
+    }
+}
+
+/* Sends each complete line (or the final unterminated one at EOF); returns 0 or 1. */
+static int send_lines(tf_server *srv, tf_conn_id id, char *buf, size_t *len, int at_eof, long *sent) {
     size_t start = 0;
-    for (size_t i = 0; i < lines->len; i++) {
-        if (lines->p[i] == '\n') {
-            if (queue_frame(out, lines->p + start, i - start) != 0)
-                return -1;
+    for (size_t i = 0; i < *len; i++) {
+        if (buf[i] == '\n') {
+            if (send_line(srv, id, (const uint8_t *)buf + start, i - start) != 0)
+                return 1;
             (*sent)++;
             start = i + 1;
         }
     }
-    if (at_eof && start < lines->len) {
-        if (queue_frame(out, lines->p + start, lines->len - start) != 0)
-            return -1;
+    if (at_eof && start < *len) {
+        if (send_line(srv, id, (const uint8_t *)buf + start, *len - start) != 0)
+            return 1;
         (*sent)++;
-        start = lines->len;
+        start = *len;
     }
-    buf_consume(lines, start);
+    memmove(buf, buf + start, *len - start);
+    *len -= start;
     return 0;
+}
+
+static void report_close(long received, long sent) {
+    if (S.reason == TF_CLOSE_TOO_LARGE)
+        fprintf(stderr, "client: server announced a frame over the %u-byte limit\n", MAX_FRAME);
+    else
+        fprintf(stderr, "client: server closed the connection (%ld of %ld replies)\n", received, sent);
 }
 
 int main(int argc, char **argv) {
@@ -210,8 +256,7 @@ int main(int argc, char **argv) {
                 return 2;
             }
         } else {
-            fprintf(stderr, "usage: client [-t WAIT_MS] [ADDRESS]   (default %s)\n",
-                    DEFAULT_ADDRESS);
+            fprintf(stderr, "usage: client [-t WAIT_MS] [ADDRESS]   (default %s)\n", DEFAULT_ADDRESS);
             return opt == 'h' ? 0 : 2;
         }
     }
@@ -220,115 +265,93 @@ int main(int argc, char **argv) {
         return 2;
     }
     const char *address = optind < argc ? argv[optind] : DEFAULT_ADDRESS;
-    int fd = dial(address);
-    if (fd < 0)
+    if (pipe(wake) != 0) {
+        perror("client: pipe");
         return 1;
+    }
 
-    struct buf lines = {0}, out = {0}, in = {0};
-    long sent = 0, received = 0;
-    int stdin_open = 1, status = -1; /* -1: running, else the exit code */
-    int64_t deadline = 0;
+    tf_server *srv = NULL;
+    tf_config *cfg = tf_config_new();
+    tf_callbacks cb = {NULL, on_connect, on_message, on_close};
+    if (cfg == NULL || tf_config_set_address(cfg, "none") != TF_OK ||
+        tf_config_set_on_writable(cfg, on_writable) != TF_OK ||
+        tf_config_set_log(cfg, on_log, NULL) != TF_OK || tf_server_start(cfg, &cb, &srv) != TF_OK) {
+        fprintf(stderr, "client: %s\n", tf_last_error());
+        tf_config_free(cfg);
+        return 1;
+    }
+    tf_config_free(cfg);
 
-    while (status < 0) {
-        struct pollfd p[2];
-        p[0].fd = stdin_open ? STDIN_FILENO : -1;
-        p[0].events = POLLIN;
-        p[0].revents = 0;
-        p[1].fd = fd;
-        p[1].events = (short)(POLLIN | (out.len > 0 ? POLLOUT : 0));
-        p[1].revents = 0;
-        int timeout = -1;
-        if (!stdin_open) {
-            int64_t left = deadline - now_ms();
-            if (left <= 0) {
-                fprintf(stderr, "client: timed out: %ld of %ld replies\n", received, sent);
-                status = 1;
-                break;
-            }
-            timeout = (int)left;
-        }
-        int n = poll(p, 2, timeout);
-        if (n < 0) {
+    int status = 1;
+    char *buf = NULL;
+    size_t len = 0, cap = 0;
+    long sent = 0;
+    tf_conn_id id = dial(srv, address);
+    if (id == 0)
+        goto out;
+
+    for (int eof = 0; !eof;) {
+        struct pollfd p[2] = {{STDIN_FILENO, POLLIN, 0}, {wake[0], POLLIN, 0}};
+        if (poll(p, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
             perror("client: poll");
-            status = 1;
-            break;
+            goto out;
         }
-        if (p[0].revents) {
-            uint8_t chunk[4096];
-            ssize_t r = read(STDIN_FILENO, chunk, sizeof chunk);
-            if (r < 0 && errno != EINTR) {
-                perror("client: read stdin");
-                status = 1;
-                break;
-            }
-            if (r > 0 && buf_append(&lines, chunk, (size_t)r) != 0) {
+        if (p[1].revents) { /* the connection closed while input was still coming */
+            pthread_mutex_lock(&S.mu);
+            report_close(S.received, sent);
+            pthread_mutex_unlock(&S.mu);
+            goto out;
+        }
+        if (cap - len < 4096) {
+            char *nb = realloc(buf, cap ? cap * 2 : 65536);
+            if (nb == NULL) {
                 fprintf(stderr, "client: out of memory\n");
-                status = 1;
-                break;
+                goto out;
             }
-            if (r == 0) {
-                stdin_open = 0;
-                deadline = now_ms() + wait_ms;
-            }
-            if (lines_to_frames(&lines, &out, !stdin_open, &sent) != 0) {
-                status = 1;
-                break;
-            }
+            buf = nb;
+            cap = cap ? cap * 2 : 65536;
         }
-        if (p[1].revents & POLLOUT) {
-            ssize_t w = send(fd, out.p, out.len, MSG_NOSIGNAL);
-            if (w < 0 && errno != EINTR && errno != EAGAIN) {
-                perror("client: send");
-                status = 1;
-                break;
-            }
-            if (w > 0)
-                buf_consume(&out, (size_t)w);
+        ssize_t r = read(STDIN_FILENO, buf + len, cap - len);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            perror("client: read stdin");
+            goto out;
         }
-        if (p[1].revents & (POLLIN | POLLHUP | POLLERR)) {
-            if (buf_reserve(&in, 65536) != 0) {
-                fprintf(stderr, "client: out of memory\n");
-                status = 1;
-                break;
-            }
-            ssize_t r = recv(fd, in.p + in.len, in.cap - in.len, 0);
-            if (r < 0 && errno != EINTR && errno != EAGAIN) {
-                perror("client: recv");
-                status = 1;
-                break;
-            }
-            if (r == 0) {
-                long got = print_frames(&in);
-                if (got >= 0)
-                    received += got;
-                if (got < 0 || stdin_open || received < sent || out.len > 0 || in.len > 0) {
-                    fprintf(stderr, "client: server closed the connection (%ld of %ld replies)\n",
-                            received, sent);
-                    status = 1;
-                } else {
-                    status = 0;
-                }
-                break;
-            }
-            if (r > 0) {
-                in.len += (size_t)r;
-                long got = print_frames(&in);
-                if (got < 0) {
-                    status = 1;
-                    break;
-                }
-                received += got;
-            }
+        eof = r == 0;
+        len += (size_t)r;
+        if (send_lines(srv, id, buf, &len, eof, &sent) != 0) {
+            pthread_mutex_lock(&S.mu);
+            if (S.closed)
+                report_close(S.received, sent);
+            pthread_mutex_unlock(&S.mu);
+            goto out;
         }
-        if (!stdin_open && out.len == 0 && received >= sent)
-            status = 0;
     }
 
-    close(fd);
-    free(lines.p);
-    free(out.p);
-    free(in.p);
+    /* End of input: wait for as many replies as frames sent. */
+    struct timespec deadline = in_ms(wait_ms);
+    pthread_mutex_lock(&S.mu);
+    int in_time = 1;
+    while (S.received < sent && !S.closed && in_time)
+        in_time = wait_until(&deadline);
+    if (S.write_error)
+        fprintf(stderr, "client: cannot write to stdout\n");
+    else if (S.received >= sent)
+        status = 0;
+    else if (S.closed)
+        report_close(S.received, sent);
+    else
+        fprintf(stderr, "client: timed out: %ld of %ld replies\n", S.received, sent);
+    pthread_mutex_unlock(&S.mu);
+
+out:
+    tf_server_stop(srv, 0);
+    tf_server_free(srv);
+    free(buf);
+    close(wake[0]);
+    close(wake[1]);
     return status;
 }

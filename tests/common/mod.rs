@@ -778,7 +778,7 @@ pub fn saturate_kernel(srv: *mut tf_server, conn: u64, limit: u64) -> usize {
     let chunk = vec![0x11u8; 16 * 1024];
     let deadline = Instant::now() + WAIT;
     let (mut total, mut stable, mut last) = (0usize, 0, u64::MAX);
-    while stable < 10 {
+    while stable < 25 {
         assert!(Instant::now() < deadline, "the kernel never stopped taking bytes");
         let mut i = std::mem::MaybeUninit::<tf_conn_info>::uninit();
         // SAFETY: srv is live for the caller; i is written on success.
