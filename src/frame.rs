@@ -10,6 +10,8 @@
 // Safe Rust only: unsafe code lives in src/ffi/ and src/sys/.
 #![forbid(unsafe_code)]
 
+use crate::sys::MapBuf;
+
 /// Length of the default prefix: u32, little-endian, payload length only.
 pub const PREFIX_LEN: usize = 4;
 /// Longest prefix.
@@ -65,29 +67,51 @@ impl Format {
 
     /// The prefix announcing a payload of `len` bytes (the caller checked
     /// that it fits): its bytes and how many of them are used.
+    #[inline]
     pub fn prefix(&self, len: usize) -> ([u8; MAX_PREFIX], usize) {
         let w = self.width();
         let value = len as u64 + if self.includes_itself { w as u64 } else { 0 };
-        let mut out = [0u8; MAX_PREFIX];
-        if self.big_endian {
-            out[..w].copy_from_slice(&value.to_be_bytes()[MAX_PREFIX - w..]);
+        let out = if self.big_endian {
+            // The low `w` bytes, most significant first, at the start.
+            (value << (8 * (MAX_PREFIX - w))).to_be_bytes()
         } else {
-            out[..w].copy_from_slice(&value.to_le_bytes()[..w]);
-        }
+            value.to_le_bytes()
+        };
         (out, w)
     }
 
     /// The payload length a complete prefix announces; Err for a value a
     /// well-behaved peer cannot send (shorter than the prefix itself).
+    #[inline]
     pub fn payload_len(&self, prefix: &[u8]) -> Result<u64, DecodeError> {
         let w = self.width();
-        let mut buf = [0u8; MAX_PREFIX];
-        let value = if self.big_endian {
-            buf[MAX_PREFIX - w..].copy_from_slice(&prefix[..w]);
-            u64::from_be_bytes(buf)
-        } else {
-            buf[..w].copy_from_slice(&prefix[..w]);
-            u64::from_le_bytes(buf)
+        // Fixed-size reads (no copy of a variable length per frame).
+        let value = match w {
+            4 => {
+                let b = *prefix.first_chunk::<4>().expect("a whole prefix");
+                if self.big_endian {
+                    u32::from_be_bytes(b) as u64
+                } else {
+                    u32::from_le_bytes(b) as u64
+                }
+            }
+            2 => {
+                let b = *prefix.first_chunk::<2>().expect("a whole prefix");
+                if self.big_endian {
+                    u16::from_be_bytes(b) as u64
+                } else {
+                    u16::from_le_bytes(b) as u64
+                }
+            }
+            1 => prefix[0] as u64,
+            _ => {
+                let b = *prefix.first_chunk::<8>().expect("a whole prefix");
+                if self.big_endian {
+                    u64::from_be_bytes(b)
+                } else {
+                    u64::from_le_bytes(b)
+                }
+            }
         };
         if self.includes_itself {
             value.checked_sub(w as u64).ok_or(DecodeError::Protocol { announced: value })
@@ -122,6 +146,76 @@ pub enum DecodeError {
 /// large frame costs what it sent plus this constant.
 pub const GROW_SLACK: usize = 64 * 1024;
 
+/// Partial frames at least this large live in pages of their own (see
+/// sys::MapBuf): freed, they go back to the system at once, so a server that
+/// held many large partial frames does not keep their memory in the
+/// allocator's heaps afterwards.
+const MAP_FROM: usize = 128 * 1024;
+
+/// A partial frame's bytes: on the heap while small, in pages when large.
+#[derive(Debug, Default)]
+enum Partial {
+    #[default]
+    Empty,
+    Heap(Vec<u8>),
+    Map(MapBuf),
+}
+
+impl Partial {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn capacity(&self) -> usize {
+        match self {
+            Partial::Empty => 0,
+            Partial::Heap(v) => v.capacity(),
+            Partial::Map(m) => m.capacity(),
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Partial::Empty => &[],
+            Partial::Heap(v) => v,
+            Partial::Map(m) => m.as_slice(),
+        }
+    }
+
+    /// Room for `total` bytes in all, fallibly; nothing changes on failure.
+    fn reserve_total(&mut self, total: usize) -> Result<(), ()> {
+        match self {
+            Partial::Map(m) => m.reserve_total(total).map_err(drop),
+            _ if total >= MAP_FROM => {
+                let mut m = MapBuf::with_capacity(total).map_err(drop)?;
+                m.extend_from_slice(self.as_slice());
+                *self = Partial::Map(m);
+                Ok(())
+            }
+            Partial::Heap(v) => v.try_reserve_exact(total - v.len()).map_err(drop),
+            Partial::Empty => {
+                let mut v = Vec::new();
+                v.try_reserve_exact(total).map_err(drop)?;
+                *self = Partial::Heap(v);
+                Ok(())
+            }
+        }
+    }
+
+    /// Appends `bytes`; `reserve_total` made room.
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        match self {
+            Partial::Heap(v) => v.extend_from_slice(bytes),
+            Partial::Map(m) => m.extend_from_slice(bytes),
+            Partial::Empty => debug_assert!(bytes.is_empty(), "room was reserved"),
+        }
+    }
+}
+
 /// Incremental decoder; one per connection.
 #[derive(Debug)]
 pub struct Decoder {
@@ -130,7 +224,7 @@ pub struct Decoder {
     fmt: Format,
     /// Bytes of a frame split across reads: its prefix (or part of it) and
     /// the payload received so far. Empty and unallocated between frames.
-    partial: Vec<u8>,
+    partial: Partial,
 }
 
 impl Decoder {
@@ -143,7 +237,7 @@ impl Decoder {
     /// can express) are refused.
     pub fn with_format(max_frame: u32, fmt: Format) -> Decoder {
         let max_frame = (max_frame as u64).min(fmt.max_payload()) as u32;
-        Decoder { max_frame, fmt, partial: Vec::new() }
+        Decoder { max_frame, fmt, partial: Partial::default() }
     }
 
     /// True when no partial frame is held (the stream is at a frame boundary).
@@ -177,9 +271,7 @@ impl Decoder {
         if need > self.partial.capacity() {
             let cap = self.partial.capacity();
             let target = need.max(cap.saturating_mul(2).min(need + GROW_SLACK)).min(total.max(need));
-            self.partial
-                .try_reserve_exact(target - self.partial.len())
-                .map_err(|_| DecodeError::OutOfMemory)?;
+            self.partial.reserve_total(target).map_err(|_| DecodeError::OutOfMemory)?;
         }
         self.partial.extend_from_slice(bytes);
         Ok(())
@@ -189,10 +281,10 @@ impl Decoder {
     /// complete payload, in order. Stops early, dropping the rest of `input`,
     /// when `on_frame` returns [`Flow::Stop`]. An oversize prefix is an error
     /// as soon as its four bytes are known.
-    pub fn feed(
+    pub fn feed<F: FnMut(&[u8]) -> Flow + ?Sized>(
         &mut self,
         input: &[u8],
-        on_frame: &mut dyn FnMut(&[u8]) -> Flow,
+        on_frame: &mut F,
     ) -> Result<Flow, DecodeError> {
         self.feed_counted(input, on_frame).map(|(flow, _)| flow)
     }
@@ -201,10 +293,10 @@ impl Decoder {
     /// them, unless `on_frame` said Stop; then the bytes after the last
     /// delivered frame were neither delivered nor kept (a caller pausing the
     /// connection keeps them itself and feeds them again later).
-    pub fn feed_counted(
+    pub fn feed_counted<F: FnMut(&[u8]) -> Flow + ?Sized>(
         &mut self,
         mut input: &[u8],
-        on_frame: &mut dyn FnMut(&[u8]) -> Flow,
+        on_frame: &mut F,
     ) -> Result<(Flow, usize), DecodeError> {
         let given = input.len();
         let w = self.fmt.width();
@@ -217,7 +309,7 @@ impl Decoder {
                     return Ok((Flow::Continue, given));
                 }
             }
-            let total = w + self.check(&self.partial)?;
+            let total = w + self.check(self.partial.as_slice())?;
             let take = (total - self.partial.len()).min(input.len());
             self.keep(&input[..take], total)?;
             input = &input[take..];
@@ -225,7 +317,7 @@ impl Decoder {
                 return Ok((Flow::Continue, given));
             }
             let frame = std::mem::take(&mut self.partial);
-            if on_frame(&frame[w..]) == Flow::Stop {
+            if on_frame(&frame.as_slice()[w..]) == Flow::Stop {
                 return Ok((Flow::Stop, given - input.len()));
             }
         }
@@ -249,7 +341,7 @@ impl Decoder {
 
     /// Drops any partial frame and its memory.
     pub fn clear(&mut self) {
-        self.partial = Vec::new();
+        self.partial = Partial::default();
     }
 }
 
@@ -659,7 +751,8 @@ mod tests {
         for _ in 0..200 {
             d.feed(&[2u8; 4096], &mut |_| Flow::Continue).unwrap();
             sent += 4096;
-            assert!(d.held_capacity() <= sent + GROW_SLACK, "held {} for {sent}", d.held_capacity());
+            // (plus a page: large partial frames live in whole pages)
+            assert!(d.held_capacity() <= sent + GROW_SLACK + 4096, "held {} for {sent}", d.held_capacity());
         }
     }
 

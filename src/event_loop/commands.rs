@@ -99,8 +99,14 @@ impl<H: Handler> EventLoop<H> {
                 let mut st = self.state.borrow_mut();
                 let Some(c) = st.get_mut(slot) else { continue };
                 c.paused = false;
+                let held = !c.stash.is_empty() && !c.host_paused;
+                let id = c.id;
                 // Waiting on the host is not the peer being idle.
                 st.idle_touch(slot, Instant::now());
+                if held && !st.resumed.contains(&(slot, id)) {
+                    // Frames held back at its last turn go first.
+                    st.resumed.push((slot, id));
+                }
             }
             self.sync_interest(slot);
             // Data that arrived meanwhile is reported by the next wait.

@@ -23,6 +23,13 @@ struct Delivered {
     failure: Option<(CloseReason, String)>,
 }
 
+/// Frames one connection delivers per turn (a read, or what a previous turn
+/// held back). A peer streaming tiny frames then delays the others by about
+/// a thousand callbacks, not by a whole read's worth (13,000 1-byte frames
+/// in 64 KiB); what is left is held and delivered at its next turn, before
+/// anything newer.
+const FRAMES_PER_TURN: u64 = 1024;
+
 /// Feeds `bytes` to the connection's decoder and hands every whole frame to
 /// the host, until the host closes or pauses the connection, or stop begins.
 fn deliver<H: Handler>(
@@ -36,6 +43,7 @@ fn deliver<H: Handler>(
     let stats = &shared.stats;
     let mut out = Delivered::default();
     let mut starved = false;
+    let mut turn_over = false;
     let fed = decoder.feed_counted(bytes, &mut |frame| {
         if shared.stopping.load(Ordering::Relaxed) {
             return Flow::Stop;
@@ -56,6 +64,10 @@ fn deliver<H: Handler>(
         // any thread), tf_conn_pause (the second) or a stop.
         if cshared.close_requested.load(Ordering::Relaxed) || cshared.paused.load(Ordering::Relaxed) {
             Flow::Stop
+        } else if out.frames >= FRAMES_PER_TURN {
+            // Its share of this turn is used: the rest waits for the next.
+            turn_over = true;
+            Flow::Stop
         } else {
             Flow::Continue
         }
@@ -65,7 +77,7 @@ fn deliver<H: Handler>(
             out.failure = Some((CloseReason::Overload, "no memory to queue a frame for the host".into()));
         }
         Ok((Flow::Stop, used))
-            if cshared.paused.load(Ordering::Acquire)
+            if (turn_over || cshared.paused.load(Ordering::Acquire))
                 && !cshared.close_requested.load(Ordering::Acquire)
                 && !shared.stopping.load(Ordering::Acquire) =>
         {
@@ -93,7 +105,7 @@ impl<H: Handler> EventLoop<H> {
     /// Reads what the peer sent (one read: a bounded share of the
     /// iteration) and delivers every whole frame.
     pub(super) fn read_ready(&mut self, slot: u32) {
-        let (fd, id, reading, paused) = {
+        let (fd, id, reading, paused, was_dirty) = {
             let mut st = self.state.borrow_mut();
             let Some(c) = st.get(slot) else { return };
             if c.eof {
@@ -110,7 +122,7 @@ impl<H: Handler> EventLoop<H> {
                 return;
             }
             let reading = c.is_reading() && !c.shared.close_requested.load(Ordering::Acquire);
-            (sys::raw(&c.fd), c.id, reading, c.paused || c.host_paused)
+            (sys::raw(&c.fd), c.id, reading, c.paused || c.host_paused, c.dirty)
         };
         if paused {
             return;
@@ -157,6 +169,10 @@ impl<H: Handler> EventLoop<H> {
             if let Some(c) = st.get_id(slot, id) {
                 if c.stash.try_reserve_exact(rest.len()).is_ok() {
                     c.stash.extend_from_slice(rest);
+                    if !c.host_paused && !c.shared.paused.load(Ordering::Acquire) {
+                        // Held for its share of the turn, not paused: next turn.
+                        st.resumed.push((slot, id));
+                    }
                 } else {
                     drop(st);
                     let failed = Delivered {
@@ -167,7 +183,15 @@ impl<H: Handler> EventLoop<H> {
                 }
             }
         }
-        self.after_delivery(slot, id, Some((decoder, read_at)), out, false)
+        self.after_delivery(slot, id, Some((decoder, read_at)), out, false);
+        // Replies to what was just read go out now, not after every other
+        // ready connection was read: the peer waits for one read and one
+        // write, not for the whole pass. A connection that other callbacks
+        // had already sent to this iteration (a fan-out target) waits for
+        // the flush pass instead, so that it still gets one write.
+        if !was_dirty {
+            self.flush_one(slot);
+        }
     }
 
     /// Moves the decoder out of the connection for a delivery (callbacks
@@ -245,6 +269,9 @@ impl<H: Handler> EventLoop<H> {
             if let Some(c) = st.get_id(slot, id) {
                 if c.stash.try_reserve_exact(bytes.len() - from).is_ok() {
                     c.stash.extend_from_slice(&bytes[from..]);
+                    if !c.host_paused && !c.shared.paused.load(Ordering::Acquire) {
+                        st.resumed.push((slot, id));
+                    }
                 }
             }
         }
@@ -256,10 +283,25 @@ impl<H: Handler> EventLoop<H> {
     pub(super) fn deliver_resumed(&mut self) {
         let resumed = std::mem::take(&mut self.state.borrow_mut().resumed);
         for (slot, id) in resumed {
+            if !self.handler.wants_input() {
+                // Pull mode, queue full: parked like a read would be, and
+                // back in turn once the host drains (resume_paused).
+                let mut st = self.state.borrow_mut();
+                if let Some(c) = st.get_id(slot, id) {
+                    if !c.paused {
+                        c.paused = true;
+                        st.idle_unlink(slot);
+                        drop(st);
+                        self.paused.push(slot);
+                        self.sync_interest(slot);
+                    }
+                }
+                continue;
+            }
             let stash = {
                 let mut st = self.state.borrow_mut();
                 match st.get_id(slot, id) {
-                    Some(c) if !c.host_paused && c.is_reading() => std::mem::take(&mut c.stash),
+                    Some(c) if !c.host_paused && !c.paused && c.is_reading() => std::mem::take(&mut c.stash),
                     Some(_) => continue,
                     None => continue,
                 }
@@ -278,6 +320,9 @@ impl<H: Handler> EventLoop<H> {
                     let mut stash = stash;
                     stash.drain(..from);
                     c.stash = stash;
+                    if !c.host_paused && !c.shared.paused.load(Ordering::Acquire) {
+                        st.resumed.push((slot, id));
+                    }
                 }
             }
             self.after_delivery(slot, id, Some((decoder, Instant::now())), out, false);

@@ -52,10 +52,11 @@ pub const WAKER: usize = 1;
 const FIRST_CONN: usize = 2;
 
 /// Per-loop read buffer: whole frames are dispatched from it in place. One
-/// read per connection per iteration, of at most this much: a peer streaming
-/// 1-byte frames costs the others at most ~3,300 callbacks of waiting (a
-/// few hundred microseconds), while bulk transfers still move 16 KiB a read.
-const SCRATCH: usize = 16 * 1024;
+/// read per connection per iteration, of at most this much, and at most
+/// FRAMES_PER_TURN frames delivered from it per turn (dispatch.rs): bulk
+/// transfers move 64 KiB a read, and a peer streaming tiny frames delays the
+/// others by a bounded number of callbacks.
+const SCRATCH: usize = 64 * 1024;
 /// Reads per connection per iteration: one, so that a peer streaming tiny
 /// frames delays the others by at most one read's worth of callbacks. More
 /// data is reported again by the next (level-triggered) wait.

@@ -2,11 +2,13 @@
 //! generation and the poller backends. Every `unsafe` outside `ffi/` is here.
 
 pub mod epoll;
+mod mapbuf;
 pub mod poll;
 mod socket;
 mod unix;
 mod waker;
 
+pub use mapbuf::MapBuf;
 pub use socket::{
     accept, discard_input, listen, nodelay, raw, recv, send, sendv, set_linger_zero, set_nodelay, Accepted,
 };
@@ -106,6 +108,7 @@ static EPOCH_PAGE: OnceCell<EpochPage> = OnceCell::new();
 /// so a child's epoch differs from its parent's even with a reused pid).
 static EPOCHS: AtomicU64 = AtomicU64::new(0);
 
+#[inline]
 fn epoch_page() -> Option<&'static AtomicU64> {
     EPOCH_PAGE
         .get_or_init(|| {
@@ -146,6 +149,7 @@ fn getpid() -> u64 {
 /// kind of fork. A server remembers the value at start and is unusable where
 /// it differs. Costs an atomic load (a getpid() call on kernels before 4.14,
 /// which lack MADV_WIPEONFORK).
+#[inline]
 pub fn process_epoch() -> u64 {
     let Some(page) = epoch_page() else { return getpid() };
     let v = page.load(Ordering::Acquire);
