@@ -26,6 +26,20 @@ const MOVE_FROM: usize = 4096;
 /// Most chunks handed to one sendmsg.
 pub const MAX_IOV: usize = 64;
 
+/// Appends prefix + payload to `buf`, which has room for both.
+#[inline]
+fn encode(fmt: Format, buf: &mut Vec<u8>, payload: &[u8]) {
+    let (prefix, w) = fmt.prefix(payload.len());
+    // Constant-size copies of the prefix (no call per frame).
+    match w {
+        4 => buf.extend_from_slice(&prefix[..4]),
+        2 => buf.extend_from_slice(&prefix[..2]),
+        1 => buf.extend_from_slice(&prefix[..1]),
+        _ => buf.extend_from_slice(&prefix[..8]),
+    }
+    buf.extend_from_slice(payload);
+}
+
 /// Memory for a frame could not be had.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OutOfMemory;
@@ -197,6 +211,7 @@ impl OutQueue {
     }
 
     /// Appends one frame (prefix + payload), or nothing when memory is short.
+    #[inline]
     pub fn push_frame(
         &mut self,
         payload: &[u8],
@@ -206,9 +221,29 @@ impl OutQueue {
         // The common case: the tail has room for the whole frame.
         if let Some(Chunk::Own(tail)) = self.chunks.back_mut() {
             if tail.capacity() - tail.len() >= n {
-                let (prefix, w) = self.fmt.prefix(payload.len());
-                tail.extend_from_slice(&prefix[..w]);
-                tail.extend_from_slice(payload);
+                encode(self.fmt, tail, payload);
+                self.unsent += n;
+                self.frames += 1;
+                return Ok(());
+            }
+        }
+        self.push_frame_slow(payload, spare)
+    }
+
+    /// push_frame when the tail has no room: the first frame after the
+    /// queue was written out takes a whole buffer from `spare` (the loop's
+    /// pool) when it fits there; anything else goes the general way.
+    #[inline(never)]
+    fn push_frame_slow(
+        &mut self,
+        payload: &[u8],
+        spare: &mut dyn FnMut() -> Option<Vec<u8>>,
+    ) -> Result<(), OutOfMemory> {
+        let n = self.fmt.width() + payload.len();
+        if self.chunks.is_empty() && n <= CHUNK && self.chunks.try_reserve(1).is_ok() {
+            if let Some(mut b) = spare().filter(|b| b.capacity() >= n) {
+                encode(self.fmt, &mut b, payload);
+                self.chunks.push_back(Chunk::Own(b));
                 self.unsent += n;
                 self.frames += 1;
                 return Ok(());

@@ -359,7 +359,11 @@ impl Core {
     }
 
     /// The loop a connection lives on.
+    #[inline]
     pub fn loop_of(&self, id: u64) -> usize {
+        if self.nloops == 1 {
+            return 0; // no division on the single-loop path
+        }
         (id.wrapping_sub(1) % self.nloops as u64) as usize
     }
 

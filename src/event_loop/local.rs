@@ -33,6 +33,7 @@ pub fn with_state<R>(shared: &Shared, f: impl FnOnce(&mut State) -> R) -> Option
     with_local(shared, f)
 }
 
+#[inline]
 fn with_local<R>(shared: &Shared, f: impl FnOnce(&mut State) -> R) -> Option<R> {
     CURRENT
         .try_with(|cur| {
@@ -76,6 +77,7 @@ pub fn on_any_loop_thread() -> bool {
 }
 
 /// tf_send from inside a callback of this server; None on any other thread.
+#[inline]
 pub fn local_send(shared: &Shared, id: u64, payload: &[u8]) -> Option<Result<()>> {
     with_local(shared, |st| st.send(id, payload))
 }

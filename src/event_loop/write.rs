@@ -14,7 +14,9 @@ use std::time::Instant;
 
 impl<H: Handler> EventLoop<H> {
     /// One send per connection with queued frames: the write pass before
-    /// sleeping. Writability is watched only while bytes remain.
+    /// sleeping. Writability is watched only while bytes remain. (A
+    /// connection whose replies were written right after its read is no
+    /// longer dirty and is passed over.)
     pub(super) fn flush(&mut self) {
         let mut dirty = std::mem::take(&mut self.state.borrow_mut().dirty);
         for &slot in &dirty {
@@ -27,10 +29,15 @@ impl<H: Handler> EventLoop<H> {
         }
     }
 
-    fn flush_one(&mut self, slot: u32) {
+    /// Writes a dirty connection's queued frames (one send); nothing for a
+    /// connection that is not dirty (flushed already this iteration).
+    pub(super) fn flush_one(&mut self, slot: u32) {
         let stats = &self.shared.stats;
         let mut st = self.state.borrow_mut();
         let Some(c) = st.get_mut(slot) else { return };
+        if !c.dirty {
+            return;
+        }
         c.dirty = false;
         if !c.has_output() || c.connecting {
             return;

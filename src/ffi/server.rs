@@ -86,6 +86,7 @@ impl Handler for Callbacks {
         unsafe { f(self.cb.user_data, conn, self.peer.as_ptr() as *const c_char) == 0 }
     }
 
+    #[inline]
     fn on_message(&mut self, conn: u64, data: &[u8]) -> bool {
         if let Some(batch) = &mut self.batch {
             return batch.hold(self.cb.user_data, conn, data);

@@ -181,9 +181,10 @@ impl Server {
     }
 
     /// Fails in a child process forked after the server started.
+    #[inline]
     pub fn check_process(&self) -> Result<()> {
         if sys::process_epoch() != self.loops[0].epoch {
-            Err(Error::forked())
+            Err(forked())
         } else {
             Ok(())
         }
@@ -284,6 +285,12 @@ impl Server {
         // Detached: each ends on its own.
         self.threads.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
+}
+
+/// The error of every call in a forked child (out of the hot path).
+#[cold]
+fn forked() -> Error {
+    Error::forked()
 }
 
 /// How tf_server_free may release the handle.
