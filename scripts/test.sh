@@ -18,6 +18,9 @@ step "Rust unit and integration tests, default backend (epoll)"
 cargo test --quiet
 step "Rust integration tests again, poll(2) backend"
 TCPFRAME_TEST_BACKEND=poll cargo test --quiet --tests
+step "Rust integration tests again with 2 loop threads (tf_config_set_threads), both backends (~45 s each)"
+TCPFRAME_TEST_THREADS=2 cargo test --quiet --tests
+TCPFRAME_TEST_THREADS=2 TCPFRAME_TEST_BACKEND=poll cargo test --quiet --tests
 
 step "panic injection (built with --features fault-injection)"
 cargo test --quiet --features fault-injection --test faults
@@ -28,5 +31,8 @@ SOAK_SECS=$SOAK_SECS cargo run --quiet --release --example soak
 step "fuzz: the decoder and the output queue, ${FUZZ_SECS:=25} s each"
 scripts/fuzz.sh "$FUZZ_SECS"
 
-step "C tests, C examples (valgrind) and the Python package"
+step "Python package: mypy --strict (annotations on every public name)"
+python3 -m mypy --strict python/tcpframe
+
+step "C tests, C examples (valgrind) and the Python package (its wheel in a fresh venv included)"
 python3 -m pytest -q tests/c tests/python

@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""An echo server on tcpframe, in three styles.
+"""An echo server on tcpframe, in four styles.
 
-    python echo.py [--address 127.0.0.1:5882] [--mode callbacks|pull|asyncio] [--backend auto|poll|epoll]
+    python echo.py [--address 127.0.0.1:5882] [--mode callbacks|batches|pull|asyncio] [--backend auto|poll|epoll]
     python echo.py --selftest      # start, talk to itself with tcpframe.Client, stop
+
+Every style takes frames a batch at a time from the library and sends the replies of a
+batch in one library call (python/README.md, "Batches and send()").
 
 Needs libtcpframe.so: build it with `cargo build --release` or set TCPFRAME_LIB.
 """
@@ -22,7 +25,8 @@ except ImportError:  # run from a source checkout, not installed: use ../tcpfram
 
 
 def run_callbacks(args, ready=None, stop_event=None):
-    """Callbacks run on the library's loop thread; send() from there is cheap."""
+    """Callbacks run on the library's loop thread, on_message once per frame; the
+    send() calls made there are collected and leave together after each batch."""
     holder = {}
 
     def on_connect(conn, peer):
@@ -45,15 +49,42 @@ def run_callbacks(args, ready=None, stop_event=None):
         (stop_event or _wait_for_signal()).wait()
 
 
+def run_batches(args, ready=None, stop_event=None):
+    """The batch-level API: on_messages gets a list of (conn, data) per batch,
+    send_many sends a list of (conn, data) in one library call."""
+    holder = {}
+
+    def on_messages(batch):
+        holder["srv"].send_many(batch)
+
+    def on_send_error(conn, data, exc):
+        # A reply the library refused when the batch was sent (the peer does not
+        # read: FullError; it left meanwhile: NoConnError). Here: drop the slow peer.
+        if isinstance(exc, tcpframe.FullError):
+            try:
+                holder["srv"].abort(conn)
+            except tcpframe.TfError:
+                pass
+
+    with tcpframe.Server(args.address, on_messages=on_messages, on_send_error=on_send_error,
+                         backend=args.backend, log=logging.getLogger("tcpframe")) as srv:
+        holder["srv"] = srv
+        print(f"echo server (batches) on port {srv.port}", flush=True)
+        if ready:
+            ready(srv.port)
+        (stop_event or _wait_for_signal()).wait()
+
+
 def run_pull(args, ready=None, stop_event=None):
-    """No foreign-thread callbacks: this thread takes the events."""
+    """No foreign-thread callbacks: this thread takes the events. The sends made while
+    events() hands out one poll's events leave together before the next poll."""
     stop_event = stop_event or _wait_for_signal()
     with tcpframe.PullServer(args.address, backend=args.backend) as srv:
         print(f"echo server (pull) on port {srv.port}", flush=True)
         if ready:
             ready(srv.port)
         while not stop_event.is_set():
-            for ev in srv.poll(max=64, timeout_ms=100):
+            for ev in srv.events(timeout_ms=100, max=256):  # ends after 100 ms without events
                 if ev.kind == tcpframe.EventKind.MESSAGE:
                     try:
                         srv.send(ev.conn, ev.data)
@@ -73,10 +104,10 @@ def run_asyncio(args, ready=None, stop_event=None):
             # Stop the server when asked: aevents() then drains and ends.
             threading.Thread(target=lambda: (ev_stop.wait(), loop.call_soon_threadsafe(srv.stop, 0)),
                              daemon=True).start()
-            async for ev in srv.aevents():
+            async for ev in srv.aevents(max=256):
                 if ev.kind == tcpframe.EventKind.MESSAGE:
                     try:
-                        srv.send(ev.conn, ev.data)
+                        srv.send(ev.conn, ev.data)  # collected per batch, like transport.write
                     except tcpframe.TfError:
                         pass
     asyncio.run(main())
@@ -89,7 +120,7 @@ def _wait_for_signal():
     return done
 
 
-MODES = {"callbacks": run_callbacks, "pull": run_pull, "asyncio": run_asyncio}
+MODES = {"callbacks": run_callbacks, "batches": run_batches, "pull": run_pull, "asyncio": run_asyncio}
 
 
 def selftest(args):

@@ -17,10 +17,11 @@ then ctypes.util.find_library("tcpframe").
 from ._lib import LibraryNotFoundError, library_path, load_library
 from .client import Client, ConnectionClosed, encode_frame
 from .constants import *  # noqa: F401,F403 - the TF_* constants
-from .constants import Backend, CloseReason, EventKind, LogLevel
+from .constants import Backend, CloseReason, EventKind, LogLevel, PrefixFlag, ProxyProtocol
 from .errors import (FullError, InternalError, InvalidError, NoConnError, StoppedError,
                      TfError, TfIOError, TooLargeError)
-from .server import Event, PullServer, Server, Stats, library_version
+from .server import Address, Buffer, Event, Message, PullServer, Server, Stats, library_version
+from .server import ConnInfo, Prefix
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,6 @@ __all__ = [
     "TfError", "InvalidError", "NoConnError", "FullError", "TooLargeError", "StoppedError",
     "TfIOError", "InternalError", "ConnectionClosed", "LibraryNotFoundError",
     "encode_frame", "library_version", "library_path", "load_library",
+    "Address", "Buffer", "Message",
+    "ConnInfo", "Prefix", "PrefixFlag", "ProxyProtocol",
 ] + [name for name in dir() if name.startswith("TF_")]

@@ -9,12 +9,14 @@ import ctypes.util
 import os
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = ["lib", "load_library", "library_path", "LibraryNotFoundError"]
 
 LIB_ENV = "TCPFRAME_LIB"
 _SONAMES = ("libtcpframe.so", "libtcpframe.so.0", "libtcpframe.dylib")
+# What a wheel built by setuptools-rust (python/setup.py) puts next to __init__.py.
+_WHEEL_NAMES = ("libtcpframe.abi3.so", "libtcpframe.abi3.dylib")
 
 
 class LibraryNotFoundError(ImportError):
@@ -42,7 +44,7 @@ class _TfStatsFields(ctypes.Structure):
     ]
 
 
-STATS_FIELDS = [name for name, _ in _TfStatsFields._fields_]
+STATS_FIELDS = [field[0] for field in _TfStatsFields._fields_]
 
 
 class TfStats(ctypes.Structure):
@@ -62,6 +64,9 @@ ON_CONNECT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, tf_conn_id, ctypes.
 ON_MESSAGE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, tf_conn_id, ctypes.c_void_p, ctypes.c_size_t)
 ON_CLOSE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, tf_conn_id, ctypes.c_int32)
 LOG_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_char_p)
+# `events` as void*: the binding never touches tf_event fields one by one; it hands the
+# pointer to tf_events_pack and slices the packed bytes.
+ON_MESSAGES = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 
 TfCallbacks._fields_ = [
     ("user_data", ctypes.c_void_p),
@@ -81,11 +86,50 @@ class TfEvent(ctypes.Structure):
     ]
 
 
-_p = ctypes.c_void_p  # opaque tf_server* / tf_config*
+class TfOut(ctypes.Structure):
+    _fields_ = [
+        ("conn", tf_conn_id),
+        ("data", ctypes.c_void_p),
+        ("len", ctypes.c_size_t),
+        ("result", ctypes.c_int32),
+    ]
+
+
+class TfIovec(ctypes.Structure):
+    _fields_ = [
+        ("base", ctypes.c_void_p),
+        ("len", ctypes.c_size_t),
+    ]
+
+
+class TfConnInfo(ctypes.Structure):
+    _fields_ = [
+        ("peer", ctypes.c_char * 128),
+        ("bytes_received", ctypes.c_uint64),
+        ("bytes_sent", ctypes.c_uint64),
+        ("frames_received", ctypes.c_uint64),
+        ("frames_sent", ctypes.c_uint64),
+        ("queued_output", ctypes.c_uint64),
+        ("age_ms", ctypes.c_uint64),
+        ("outbound", ctypes.c_int32),
+        ("paused", ctypes.c_int32),
+        ("thread", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+    ]
+
+
+ON_WRITABLE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, tf_conn_id)
+
+TF_EVENT_SIZE = ctypes.sizeof(TfEvent)  # 32
+PACKED_EVENT_HEADER = 24  # tf_events_pack: int32 kind, int32 reason, uint64 conn, uint64 len
+PACKED_SEND_HEADER = 16   # tf_send_packed: uint64 conn, uint64 len
+
+_p = ctypes.c_void_p  # opaque tf_server* / tf_config*, and buffers passed by address
 _i32 = ctypes.c_int32
+_size_p = ctypes.POINTER(ctypes.c_size_t)
 
 # name -> (restype, argtypes). Every function of API.md, additions included.
-SIGNATURES = {
+SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
     "tf_config_new": (_p, []),
     "tf_config_free": (None, [_p]),
     "tf_config_set_address": (_i32, [_p, ctypes.c_char_p]),
@@ -114,6 +158,31 @@ SIGNATURES = {
     "tf_server_free": (None, [_p]),
     "tf_last_error": (ctypes.c_char_p, []),
     "tf_version": (ctypes.c_char_p, []),
+    # Batched delivery and sends (API.md "Batched delivery and sends"). Buffers are
+    # passed by address (c_void_p) or as bytes (c_char_p, no copy).
+    "tf_config_set_on_messages": (_i32, [_p, ON_MESSAGES]),
+    "tf_send_batch": (_i32, [_p, ctypes.POINTER(TfOut), ctypes.c_size_t]),
+    "tf_events_pack": (_i32, [_p, ctypes.c_size_t, _p, ctypes.c_size_t, _size_p]),
+    "tf_send_packed": (_i32, [_p, ctypes.c_char_p, ctypes.c_size_t, _p, ctypes.c_size_t, _size_p]),
+    # Reach, cores, scale-out, host control (API.md "Second set of additions").
+    "tf_config_set_prefix": (_i32, [_p, ctypes.c_uint32, ctypes.c_uint32]),
+    "tf_config_set_unix_mode": (_i32, [_p, ctypes.c_uint32]),
+    "tf_config_set_connect_timeout_ms": (_i32, [_p, ctypes.c_uint32]),
+    "tf_config_set_threads": (_i32, [_p, ctypes.c_uint32]),
+    "tf_config_set_proxy_protocol": (_i32, [_p, _i32]),
+    "tf_config_set_max_connections_per_ip": (_i32, [_p, ctypes.c_uint32]),
+    "tf_config_set_on_writable": (_i32, [_p, ON_WRITABLE]),
+    "tf_config_set_slow_consumer": (_i32, [_p, ctypes.c_uint64, ctypes.c_uint32]),
+    "tf_connect": (_i32, [_p, ctypes.c_char_p, ctypes.POINTER(tf_conn_id)]),
+    "tf_server_drain": (_i32, [_p]),
+    "tf_conn_set_user_data": (_i32, [_p, tf_conn_id, _p]),
+    "tf_conn_user_data": (_p, [_p, tf_conn_id]),
+    "tf_conn_pause": (_i32, [_p, tf_conn_id]),
+    "tf_conn_resume": (_i32, [_p, tf_conn_id]),
+    "tf_sendv": (_i32, [_p, tf_conn_id, ctypes.POINTER(TfIovec), ctypes.c_size_t]),
+    "tf_send_many": (_i32, [_p, ctypes.POINTER(tf_conn_id), ctypes.c_size_t, ctypes.c_char_p,
+                            ctypes.c_size_t, _size_p]),
+    "tf_conn_get_info": (_i32, [_p, tf_conn_id, ctypes.POINTER(TfConnInfo)]),
 }
 
 
@@ -123,7 +192,7 @@ SIGNATURES = {
 def _candidates() -> List[Path]:
     """Where to look, in order. TCPFRAME_LIB is handled by the caller (it is exclusive)."""
     here = Path(__file__).resolve().parent
-    out = [here / name for name in _SONAMES]
+    out = [here / name for name in _SONAMES + _WHEEL_NAMES]
     target_dir = os.environ.get("CARGO_TARGET_DIR")
     if target_dir:
         out.append(Path(target_dir) / "release" / "libtcpframe.so")
@@ -139,7 +208,7 @@ MISSING: List[str] = []
 
 
 def _declare(cdll: ctypes.CDLL) -> List[str]:
-    missing = []
+    missing: List[str] = []
     for name, (restype, argtypes) in SIGNATURES.items():
         try:
             fn = getattr(cdll, name)
@@ -164,6 +233,7 @@ def load_library(path: Optional[str] = None) -> ctypes.CDLL:
         if _lib is not None:
             return _lib
         tried: List[str] = []
+        where: Optional[str]
         explicit = path or os.environ.get(LIB_ENV)
         if explicit:
             # An explicit choice is never silently replaced by another library.
@@ -177,7 +247,7 @@ def load_library(path: Optional[str] = None) -> ctypes.CDLL:
                 choices.append(found)
             tried.append('ctypes.util.find_library("tcpframe")')
             where = None
-        errors = []
+        errors: List[str] = []
         for choice in choices:
             try:
                 cdll = ctypes.CDLL(choice)
@@ -211,7 +281,13 @@ def library_path() -> str:
     return _path
 
 
-def func(name: str):
+def has(name: str) -> bool:
+    """Whether the loaded library exports `name` (older builds lack the newest calls)."""
+    lib()
+    return name not in MISSING
+
+
+def func(name: str) -> Any:
     """A declared library function; a clear TfError if this library build lacks it."""
     cdll = lib()
     if name in MISSING:

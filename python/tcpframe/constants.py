@@ -2,7 +2,10 @@
 
 Values are fixed by API.md; the test suite checks them against include/tcpframe.h.
 """
-from enum import IntEnum
+from enum import IntEnum, IntFlag
+from typing import Type, TypeVar, Union
+
+_E = TypeVar("_E", bound=IntEnum)
 
 # Return codes
 TF_OK = 0
@@ -21,6 +24,9 @@ TF_CLOSE_SHUTDOWN = 2
 TF_CLOSE_IO = 3
 TF_CLOSE_TOO_LARGE = 4
 TF_CLOSE_IDLE = 5
+TF_CLOSE_PROTOCOL = 6  # the peer broke the framing rules or sent a bad PROXY header
+TF_CLOSE_CONNECT_FAILED = 7  # an outbound connection (Server.connect) could not be established
+TF_CLOSE_SLOW = 8  # queued output stayed above the slow-consumer limit too long
 TF_CLOSE_OVERLOAD = 9  # memory for the connection could not be had (max_buffered, allocation)
 
 # Backends
@@ -32,6 +38,17 @@ TF_BACKEND_EPOLL = 2
 TF_EVENT_CONNECT = 1
 TF_EVENT_MESSAGE = 2
 TF_EVENT_CLOSE = 3
+TF_EVENT_WRITABLE = 4  # pull mode, with writable_events=True: a full connection has room again
+
+# Length-prefix flags (the `prefix=(width, flags)` option)
+TF_PREFIX_BIG_ENDIAN = 1
+TF_PREFIX_INCLUDES_ITSELF = 2
+
+# PROXY protocol modes (the `proxy_protocol=` option)
+TF_PROXY_OFF = 0
+TF_PROXY_V1 = 1
+TF_PROXY_V2 = 2
+TF_PROXY_ANY = 3
 
 # Log levels
 TF_LOG_ERROR = 1
@@ -49,6 +66,9 @@ class CloseReason(IntEnum):
     TOO_LARGE = TF_CLOSE_TOO_LARGE
     IDLE = TF_CLOSE_IDLE
     OVERLOAD = TF_CLOSE_OVERLOAD
+    PROTOCOL = TF_CLOSE_PROTOCOL
+    CONNECT_FAILED = TF_CLOSE_CONNECT_FAILED
+    SLOW = TF_CLOSE_SLOW
 
 
 class Backend(IntEnum):
@@ -61,6 +81,22 @@ class EventKind(IntEnum):
     CONNECT = TF_EVENT_CONNECT
     MESSAGE = TF_EVENT_MESSAGE
     CLOSE = TF_EVENT_CLOSE
+    WRITABLE = TF_EVENT_WRITABLE
+
+
+class PrefixFlag(IntFlag):
+    """Flags of the length prefix: `prefix=(2, PrefixFlag.BIG_ENDIAN)`."""
+    LITTLE_ENDIAN = 0
+    BIG_ENDIAN = TF_PREFIX_BIG_ENDIAN
+    INCLUDES_ITSELF = TF_PREFIX_INCLUDES_ITSELF
+
+
+class ProxyProtocol(IntEnum):
+    """Which PROXY protocol header accepted connections must begin with."""
+    OFF = TF_PROXY_OFF
+    V1 = TF_PROXY_V1
+    V2 = TF_PROXY_V2
+    ANY = TF_PROXY_ANY
 
 
 class LogLevel(IntEnum):
@@ -70,7 +106,7 @@ class LogLevel(IntEnum):
     DEBUG = TF_LOG_DEBUG
 
 
-def _enum_or_int(enum, value: int):
+def _enum_or_int(enum: Type[_E], value: int) -> Union[_E, int]:
     """An IntEnum member when the library sends a known value, else the plain int
     (API.md allows new enum values to be added)."""
     try:

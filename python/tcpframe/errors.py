@@ -1,7 +1,7 @@
 """Exceptions named after the TF_ERR_* codes; each carries .code and the library's message."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 from . import constants as C
 
@@ -65,7 +65,7 @@ class InternalError(TfError):
     default_code = C.TF_ERR_INTERNAL
 
 
-_CODE_NAMES = {
+_CODE_NAMES: Dict[Optional[int], str] = {
     C.TF_ERR_INVALID: "TF_ERR_INVALID",
     C.TF_ERR_NO_CONN: "TF_ERR_NO_CONN",
     C.TF_ERR_FULL: "TF_ERR_FULL",

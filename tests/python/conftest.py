@@ -2,6 +2,7 @@
 clients that are always closed, and a thread-safe recorder of callback calls."""
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -11,6 +12,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "python"))
+
+# The suite tests the library built from this checkout (`make lib`): a libtcpframe an
+# editable install (`pip install -e ./python`) left inside python/tcpframe/ would
+# otherwise be found first. TCPFRAME_LIB, when set, still wins.
+if not os.environ.get("TCPFRAME_LIB"):
+    _target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target") / "release" / "libtcpframe.so"
+    if _target.is_file():
+        os.environ["TCPFRAME_LIB"] = str(_target)
 
 import tcpframe  # noqa: E402
 

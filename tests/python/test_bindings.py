@@ -25,6 +25,14 @@ API_FUNCTIONS = {
     "tf_version": 0, "tf_config_set_backend": 2, "tf_server_start_pull": 2, "tf_server_fd": 1,
     "tf_server_poll": 5, "tf_config_set_log": 3,
     "tf_conn_abort": 2, "tf_config_set_close_timeout_ms": 2, "tf_config_set_max_buffered": 2,
+    "tf_config_set_on_messages": 2, "tf_send_batch": 3, "tf_events_pack": 5, "tf_send_packed": 6,
+    # API.md "Second set of additions" (reach, cores, scale-out, host control)
+    "tf_config_set_prefix": 3, "tf_config_set_unix_mode": 2, "tf_config_set_connect_timeout_ms": 2,
+    "tf_config_set_threads": 2, "tf_config_set_proxy_protocol": 2,
+    "tf_config_set_max_connections_per_ip": 2, "tf_config_set_on_writable": 2,
+    "tf_config_set_slow_consumer": 3, "tf_connect": 3, "tf_server_drain": 1,
+    "tf_conn_set_user_data": 3, "tf_conn_user_data": 2, "tf_conn_pause": 2, "tf_conn_resume": 2,
+    "tf_sendv": 4, "tf_send_many": 6, "tf_conn_get_info": 3,
 }
 
 
@@ -86,15 +94,17 @@ def test_header_structs_match_ctypes_layouts():
     assert _struct_fields(text, "tf_stats") == _lib.STATS_FIELDS
     assert _struct_fields(text, "tf_event") == [f for f, _ in _lib.TfEvent._fields_]
     assert _struct_fields(text, "tf_callbacks") == [f for f, _ in _lib.TfCallbacks._fields_]
+    assert _struct_fields(text, "tf_out") == [f for f, _ in _lib.TfOut._fields_]
     assert ctypes.sizeof(_lib.TfEvent) == 32 and ctypes.sizeof(_lib.TfCallbacks) == 32
+    assert ctypes.sizeof(_lib.TfOut) == 32
 
 
 def test_header_constants_match_ours():
     text = _header_text()
-    found = dict(re.findall(r"#define\s+(TF_[A-Z_]+)\s+\(?\s*\(?(?:int32_t|int)?\)?\s*(-?\d+)", text))
-    found.update(re.findall(r"\b(TF_[A-Z_]+)\s*=\s*(-?\d+)", text))
+    found = dict(re.findall(r"#define\s+(TF_[A-Z0-9_]+)\s+\(?\s*\(?(?:int32_t|int)?\)?\s*(-?\d+)", text))
+    found.update(re.findall(r"\b(TF_[A-Z0-9_]+)\s*=\s*(-?\d+)", text))
     ours = {k: v for k, v in vars(C).items() if k.startswith("TF_")}
-    assert len(ours) == 25
+    assert len(ours) == 35  # 25, then 10 from API.md's second set of additions
     missing = sorted(set(ours) - set(found))
     assert missing == []
     assert {k: int(found[k]) for k in ours} == ours
