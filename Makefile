@@ -8,9 +8,9 @@ LIBDIR  := target/release
 BUILD   := build
 CFLAGS  := -std=c99 -Wall -Wextra -Wpedantic -Werror -O2 -g -Iinclude
 LDLIBS  := -L$(LIBDIR) -ltcpframe -Wl,-rpath,$(CURDIR)/$(LIBDIR)
-EXAMPLES := echo_server client chat_server select_daemon
+EXAMPLES := echo_server client chat_server select_daemon pipe relay unix_uid activated launcher
 
-.PHONY: all lib examples demo test test-rust test-c-python install bench fuzz soak clean
+.PHONY: all lib examples demo test test-rust test-c-python install bench bench-python fuzz soak clean
 
 all: lib examples
 
@@ -27,6 +27,13 @@ $(BUILD)/%: examples-c/%.c include/tcpframe.h | lib
 
 examples: lib $(addprefix $(BUILD)/,$(EXAMPLES))
 
+# examples-c/deploy/: the instance program rolling_restart.sh starts, where the
+# script and tests/c/test_deploy.py look for it (build/c/instance).
+.PHONY: deploy
+deploy: lib
+	@mkdir -p $(BUILD)/c
+	$(CC) $(CFLAGS) examples-c/deploy/instance.c -o $(BUILD)/c/instance $(LDLIBS) -lpthread
+
 # Starts the echo server, sends a few lines through the C client, stops it.
 demo: examples
 	@scripts/demo.sh
@@ -41,6 +48,10 @@ install: lib
 
 bench:
 	bench/run.sh
+
+# Python hosts only: tcpframe's callback, pull and asyncio modes vs asyncio and uvloop.
+bench-python:
+	bench/python/run.sh
 
 fuzz:
 	scripts/fuzz.sh $${FUZZ_SECS:-300}

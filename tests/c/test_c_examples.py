@@ -15,6 +15,7 @@ import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -118,6 +119,11 @@ def client(lib):
 @pytest.fixture(scope="session")
 def chat_server(lib):
     return build_c(lib, "chat_server", EXAMPLES / "chat_server.c")
+
+
+@pytest.fixture(scope="session")
+def pipe(lib):
+    return build_c(lib, "pipe", EXAMPLES / "pipe.c")
 
 
 @pytest.fixture(scope="session")
@@ -535,6 +541,41 @@ def test_chat_server_broadcasts_to_everyone_else(chat_server, procs):
     assert code == 0, err
 
 
+def test_chat_server_drops_a_member_that_does_not_read(chat_server, procs):
+    """Broadcasts go out with tf_send_many; a member whose queue (16 MiB) cannot
+    take a frame is dropped, the others get everything."""
+    srv, port = start_listening(procs, [chat_server, "127.0.0.1:0"])
+    sender, reader = connect(port), connect(port)
+    sleeper = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sleeper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sleeper.settimeout(WAIT)
+    sleeper.connect(("127.0.0.1", port))
+    try:
+        ids = [srv.wait_line(r"^connect (\d+) ").group(1) for _ in range(3)]
+        sleeper_id = ids[2]  # accepted in the order they connected
+        payload = b"x" * 65536
+        n = 512  # 32 MiB: past the sleeper's 16 MiB queue and its kernel buffers
+        got = []
+
+        def read_all():
+            got.extend(recv_frame(reader) for _ in range(n))
+
+        t = threading.Thread(target=read_all, daemon=True)
+        t.start()
+        for i in range(n):
+            sender.sendall(frame(payload[:-4] + struct.pack("<I", i)))
+        t.join(timeout=WAIT * 3)
+        assert len(got) == n and all(g[-4:] == struct.pack("<I", i) for i, g in enumerate(got))
+        srv.wait_line(rf"^close {sleeper_id} reason=1$")  # TF_CLOSE_LOCAL: dropped by the server
+    finally:
+        for s in (sender, reader, sleeper):
+            s.close()
+    srv.signal(signal.SIGTERM)
+    code, out, err = srv.finish()
+    assert code == 0, err
+    assert f"{sleeper_id} is not reading; dropping it" in err, err
+
+
 def test_client_times_out_when_replies_do_not_come(chat_server, client, procs):
     srv, port = start_listening(procs, [chat_server, "-q", "127.0.0.1:0"])
     t0 = time.monotonic()
@@ -543,6 +584,138 @@ def test_client_times_out_when_replies_do_not_come(chat_server, client, procs):
     assert 0.25 < time.monotonic() - t0 < 10
     srv.signal(signal.SIGINT)
     assert srv.finish()[0] == 0
+
+
+# ---------------------------------------------------------------- pipe
+
+
+def connect_small_rcvbuf(port, size=4096):
+    """A client whose receive buffer is set before the handshake: it holds little."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    s.settimeout(WAIT)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def pipe_frames(n, size):
+    return [struct.pack("<I", i) + bytes([i % 251]) * (size - 4) for i in range(n)]
+
+
+def pipe_session(procs, args, n, size, wait=WAIT, wait_pause=True):
+    """One slow consumer (not reading at first), one fast consumer, one producer
+    sending n frames of size bytes; with wait_pause, returns once the slow
+    consumer has paused the producers. Returns what the test checks."""
+    srv, port = start_listening(procs, args)
+    slow = connect_small_rcvbuf(port)
+    slow.sendall(frame(b"consumer"))
+    slow_id = srv.wait_line(r"^consumer (\d+)$", timeout=wait).group(1)
+    srv.wait_line(rf"^resume {slow_id}$", timeout=wait)  # a consumer: producers may go
+    fast = connect(port)
+    fast.sendall(frame(b"consumer"))
+    srv.wait_line(r"^consumer \d+$", timeout=wait)
+    prod = connect(port)
+    prod.sendall(frame(b"producer"))
+    srv.wait_line(r"^producer \d+$", timeout=wait)
+    frames = pipe_frames(n, size)
+    result = {"fast": [], "writer_done": False}
+
+    def write():
+        prod.sendall(b"".join(frame(f) for f in frames))
+        result["writer_done"] = True
+
+    def read_fast():
+        fast.settimeout(wait)
+        result["fast"] = [recv_frame(fast) for _ in range(n)]
+
+    writer = threading.Thread(target=write, daemon=True)
+    reader = threading.Thread(target=read_fast, daemon=True)
+    writer.start()
+    reader.start()
+    if wait_pause:
+        # The slow consumer fills up: the producers stay paused (the last line
+        # is a pause, and nothing more happens). The pause may name the fast
+        # consumer too, when both were full at the same frame.
+        end = time.monotonic() + wait
+        seen = -1
+        while True:
+            assert time.monotonic() < end, f"the pipe never stayed paused: {srv.out[-6:]}"
+            if len(srv.out) == seen and re.match(r"^pause \d+$", srv.out[-1]):
+                break
+            seen = len(srv.out)
+            time.sleep(1.0)
+    return srv, slow, fast, prod, frames, result, writer, reader, slow_id
+
+
+def test_pipe_pauses_producers_while_a_consumer_is_full(pipe, procs):
+    n, size = 20000, 1024  # 20 MiB: more than every buffer between producer and pipe
+    srv, slow, fast, prod, frames, result, writer, reader, slow_id = pipe_session(
+        procs, [pipe, "-m", "65536", "127.0.0.1:0"], n, size
+    )
+    try:
+        time.sleep(1.0)
+        # Paused: the producer is held back by TCP, and nothing moves for anyone.
+        assert not result["writer_done"], "the producer wrote 20 MiB while the pipe was paused"
+        # The slow consumer now reads: every frame, in order, and the pipe resumes.
+        slow.settimeout(WAIT)
+        got = [recv_frame(slow) for _ in range(n)]
+        assert got == frames
+        writer.join(timeout=WAIT)
+        reader.join(timeout=WAIT)
+        assert result["writer_done"] and result["fast"] == frames
+        flow = [line for line in srv.out if re.match(r"^(pause|resume) \d+$", line)]
+        assert flow[-1].startswith("resume"), flow[-4:]  # flowing again at the end
+    finally:
+        for s in (slow, fast, prod):
+            s.close()
+    srv.signal(signal.SIGINT)
+    code, out, err = srv.finish()
+    assert code == 0, err
+    m = re.search(r"^forwarded=(\d+) pauses=(\d+)$", out, re.M)
+    assert m and int(m.group(1)) == n and int(m.group(2)) >= 1, out
+
+
+def test_pipe_refuses_unknown_clients_and_waits_for_a_consumer(pipe, procs):
+    srv, port = start_listening(procs, [pipe, "127.0.0.1:0"])
+    with connect(port) as stranger:
+        stranger.sendall(frame(b"hello?"))
+        assert stranger.recv(1) == b""  # closed: neither producer nor consumer
+    with connect(port) as prod:
+        prod.sendall(frame(b"producer") + frame(b"early"))
+        srv.wait_line(r"^producer \d+$")
+        time.sleep(0.3)  # no consumer: "early" waits in the paused producer
+        with connect(port) as cons:
+            cons.sendall(frame(b"consumer"))
+            assert recv_frame(cons) == b"early"
+            prod.sendall(frame(b"later"))
+            assert recv_frame(cons) == b"later"
+    srv.signal(signal.SIGTERM)
+    code, out, err = srv.finish()
+    assert code == 0, err
+    assert re.search(r"^forwarded=2 ", out, re.M), out
+
+
+@pytest.mark.valgrind
+def test_pipe_under_valgrind(pipe, procs):
+    n, size = 400, 1024  # the kernel holds all of it for the slow consumer: the fast one fills
+    srv, slow, fast, prod, frames, result, writer, reader, slow_id = pipe_session(
+        procs, [*VALGRIND, pipe, "-m", "16384", "127.0.0.1:0"], n, size, wait=120, wait_pause=False
+    )
+    try:
+        slow.settimeout(120)
+        assert [recv_frame(slow) for _ in range(n)] == frames
+        writer.join(timeout=120)
+        reader.join(timeout=120)
+        assert result["fast"] == frames
+    finally:
+        for s in (slow, fast, prod):
+            s.close()
+    srv.signal(signal.SIGINT)
+    code, out, err = srv.finish(timeout=120)
+    assert code == 0, err
+    m = re.search(r"^forwarded=(\d+) pauses=(\d+)$", out, re.M)
+    assert m and int(m.group(1)) == n and int(m.group(2)) >= 1, out
+    valgrind_clean(err)
 
 
 # ---------------------------------------------------------------- select_daemon
@@ -810,3 +983,293 @@ def test_the_sanitizer_build_is_really_active(tmp_path):
     run(["cc", "-std=c99", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", src, "-o", exe])
     p = run([exe], timeout=60, check=False)
     assert p.returncode != 0 and "heap-buffer-overflow" in p.stderr, p.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- reach: relay, unix_uid, activated
+
+
+@pytest.fixture(scope="session")
+def relay(lib):
+    return build_c(lib, "relay", EXAMPLES / "relay.c")
+
+
+@pytest.fixture(scope="session")
+def unix_uid(lib):
+    return build_c(lib, "unix_uid", EXAMPLES / "unix_uid.c")
+
+
+@pytest.fixture(scope="session")
+def activated(lib):
+    return build_c(lib, "activated", EXAMPLES / "activated.c")
+
+
+@pytest.fixture(scope="session")
+def launcher(lib):
+    return build_c(lib, "launcher", EXAMPLES / "launcher.c")
+
+
+def unix_connect(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(WAIT)
+    s.connect(str(path))
+    return s
+
+
+def test_client_reaches_unix_sockets_and_host_names(echo_server, client, procs, tmp_path):
+    srv, port = start_listening(procs, [echo_server, "-q", "127.0.0.1:0"])
+    c = run([client, f"localhost:{port}"], input="by name\n", timeout=60)  # resolved by the client
+    assert c.stdout == "by name\n"
+    srv.signal(signal.SIGINT)
+    assert srv.finish()[0] == 0
+    path = tmp_path / "echo.sock"
+    srv = procs([echo_server, "-q", f"unix:{path}"])
+    srv.wait_line(r"^listening on port 0$")
+    c = run([client, f"unix:{path}"], input="over unix\n\nlast", timeout=60)
+    assert c.stdout == "over unix\n\nlast\n"
+    c = run([client, f"unix:{tmp_path / 'missing.sock'}"], input="x\n", check=False, timeout=30)
+    assert c.returncode == 1 and "connect" in c.stderr and "No such file" in c.stderr, c.stderr
+    srv.signal(signal.SIGINT)
+    assert srv.finish()[0] == 0
+
+
+def test_relay_forwards_frames_both_ways(echo_server, relay, client, procs):
+    target, tport = start_listening(procs, [echo_server, "127.0.0.1:0"])
+    r, rport = start_listening(procs, [relay, "127.0.0.1:0", f"127.0.0.1:{tport}"])
+    c = run([client, f"127.0.0.1:{rport}"], input="one\n\nthree\n", timeout=60)
+    assert c.stdout == "one\n\nthree\n"
+    inbound, outbound = r.wait_line(r"^pair (\d+) (\d+)$").groups()
+    assert r.wait_line(rf"^connected {outbound} 127\.0\.0\.1:{tport}$")
+    frames, _ = echo_session(rport)  # big, batched and dribbled frames, through both hops
+    assert frames > 100
+    target.wait_line(r"^connect \d+ 127\.0\.0\.1:\d+$")
+    r.signal(signal.SIGTERM)
+    code, out, err = r.finish()
+    assert code == 0, err
+    assert re.search(r"^close \d+ reason=0$", out, re.M), out  # a client left
+    assert re.search(r"^connections_accepted=2$", out, re.M), out  # outbound ones are not counted
+    target.signal(signal.SIGINT)
+    assert target.finish()[0] == 0
+
+
+def test_relay_closes_the_client_when_the_target_cannot_be_reached(relay, procs):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    r, rport = start_listening(procs, [relay, "127.0.0.1:0", f"127.0.0.1:{dead}"])
+    with connect(rport) as s:
+        s.sendall(frame(b"lost"))
+        assert s.recv(1) == b""  # closed once the outbound connect failed
+    _, outbound = r.wait_line(r"^pair (\d+) (\d+)$").groups()
+    r.wait_line(rf"^close {outbound} reason=7$")  # TF_CLOSE_CONNECT_FAILED
+    r.signal(signal.SIGINT)
+    assert r.finish()[0] == 0
+
+
+def test_relay_pauses_the_sender_while_the_target_is_full(relay, procs):
+    """A target that does not read: the relay's outbound queue fills, it pauses
+    the client (TCP then holds the client back), and resumes once the target
+    reads; every frame arrives, in order."""
+    n, size = 6000, 4096  # 24 MiB: more than the kernel buffers between client and relay hold
+    with socket.socket() as lst:
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by the accepted one
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(4)
+        lst.settimeout(WAIT)
+        r, rport = start_listening(
+            procs, [relay, "-q", "-Q", "65536", "127.0.0.1:0", f"127.0.0.1:{lst.getsockname()[1]}"]
+        )
+        cli = connect(rport)
+        tgt, _ = lst.accept()
+    frames = [struct.pack("<I", i) * (size // 4) for i in range(n)]
+    done = {"writer": False}
+
+    def write():
+        cli.sendall(b"".join(frame(f) for f in frames))
+        done["writer"] = True
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        paused = r.wait_line(r"^pause (\d+)$").group(1)
+        time.sleep(0.5)
+        assert not done["writer"], "the client wrote 24 MiB while its relay was paused"
+        tgt.settimeout(WAIT)
+        got = [recv_frame(tgt) for _ in range(n)]
+        assert got == frames
+        r.wait_line(rf"^resume {paused}$")
+        writer.join(timeout=WAIT)
+        assert done["writer"]
+    finally:
+        cli.close()
+        tgt.close()
+    r.signal(signal.SIGINT)
+    code, out, err = r.finish()
+    assert code == 0, err
+
+
+@pytest.mark.valgrind
+def test_relay_and_client_under_valgrind(echo_server, relay, client, procs):
+    target, tport = start_listening(procs, [echo_server, "-q", "127.0.0.1:0"])
+    r, rport = start_listening(procs, [*VALGRIND, relay, "127.0.0.1:0", f"127.0.0.1:{tport}"])
+    lines = [f"relayed {i}" for i in range(30)]
+    c = run([*VALGRIND, client, "-t", "60000", f"127.0.0.1:{rport}"], input="\n".join(lines) + "\n",
+            timeout=300, check=False)  # fmt: skip
+    assert c.returncode == 0, c.stderr
+    assert c.stdout.splitlines() == lines
+    valgrind_clean(c.stderr)
+    r.wait_line(r"^close \d+ reason=0$", timeout=60)
+    with socket.socket() as s:  # and a target that refuses
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    r2, r2port = start_listening(procs, [*VALGRIND, relay, "-q", "127.0.0.1:0", f"127.0.0.1:{dead}"])
+    with connect(r2port) as s:
+        assert s.recv(1) == b""
+    for p in (r, r2):
+        p.signal(signal.SIGTERM)
+        code, out, err = p.finish(timeout=120)
+        assert code == 0, err
+        valgrind_clean(err)
+    target.signal(signal.SIGINT)
+    assert target.finish()[0] == 0
+
+
+def as_nobody(program):
+    """The command prefix that runs `program` as uid/gid 65534, or a pytest skip."""
+    if os.geteuid() != 0:
+        pytest.skip("not root: cannot run a client as another uid")
+    if shutil.which("setpriv"):
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    elif shutil.which("runuser"):
+        prefix = ["runuser", "-u", "nobody", "--"]
+    else:
+        pytest.skip("neither setpriv nor runuser is installed")
+    probe = run([*prefix, program, "-h"], check=False, timeout=30)
+    if probe.returncode != 0:  # e.g. a checkout under /root: uid 65534 cannot reach the program
+        pytest.skip(f"{program} cannot run as uid 65534 here: {probe.stderr.strip()}")
+    return prefix
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every user can reach (pytest's tmp_path is under a 0700 one)."""
+    d = Path(tempfile.mkdtemp(prefix="tf-uid-"))
+    d.chmod(0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_unix_uid_serves_its_users_and_refuses_others(unix_uid, client, procs, shared_dir):
+    nobody = as_nobody(client)
+    path = shared_dir / "uid.sock"
+    srv = procs([unix_uid, "-m", "0666", f"unix:{path}"])
+    srv.wait_line(rf"^listening on unix:{re.escape(str(path))}$")
+    assert path.is_socket() and (path.stat().st_mode & 0o777) == 0o666
+    c = run([client, f"unix:{path}"], input="root may\n", timeout=60)
+    assert c.stdout == "root may\n"
+    srv.wait_line(r"^accept \d+ uid=0 pid=\d+$")
+    c = run([*nobody, client, f"unix:{path}"], input="nobody may not\n", check=False, timeout=60)
+    assert c.returncode == 1 and c.stdout == "" and "closed the connection" in c.stderr, c.stderr
+    srv.wait_line(r"^refuse uid=65534 pid=\d+$")
+    srv.signal(signal.SIGTERM)
+    code, out, err = srv.finish()
+    assert code == 0, err
+    assert "connections_accepted=1" in out and "connections_rejected=1" in out, out
+    assert not path.exists(), "the socket file is removed at stop"
+
+    # Allowed by -u; and a stale file left by a killed server is replaced.
+    srv = procs([unix_uid, "-m", "0666", "-u", "0,65534", f"unix:{path}"])
+    srv.wait_line(r"^listening on ")
+    srv.kill()  # SIGKILL: the file stays behind
+    assert path.is_socket()
+    srv = procs([unix_uid, "-m", "0666", "-u", "0,65534", f"unix:{path}"])
+    srv.wait_line(r"^listening on ")
+    c = run([*nobody, client, f"unix:{path}"], input="nobody may\n", timeout=60)
+    assert c.stdout == "nobody may\n"
+    srv.wait_line(r"^accept \d+ uid=65534 pid=\d+$")
+    # A regular file where the socket would go is never deleted.
+    srv.signal(signal.SIGTERM)
+    assert srv.finish()[0] == 0
+    path.write_text("precious")
+    p = run([unix_uid, f"unix:{path}"], check=False, timeout=30)
+    assert p.returncode == 1 and "start on" in p.stderr, p.stderr
+    assert path.read_text() == "precious"
+
+
+@pytest.mark.valgrind
+def test_unix_uid_under_valgrind(unix_uid, client, procs, tmp_path):
+    path = tmp_path / "uidv.sock"
+    srv = procs([*VALGRIND, unix_uid, "-u", "12345", f"unix:{path}"])
+    srv.wait_line(r"^listening on ", timeout=90)
+    c = run([client, f"unix:{path}"], input="refused\n", check=False, timeout=60)
+    assert c.returncode == 1
+    srv.wait_line(r"^refuse uid=0 pid=\d+$", timeout=60)
+    srv.signal(signal.SIGTERM)
+    code, out, err = srv.finish(timeout=120)
+    assert code == 0, err
+    valgrind_clean(err)
+
+
+def test_activated_serves_the_socket_its_launcher_passes(activated, launcher, procs, tmp_path):
+    srv = procs([launcher, "127.0.0.1:0", activated])
+    port = int(srv.wait_line(r"^launcher: listening on port (\d+)$").group(1))
+    srv.wait_line(rf"^listening on fd 3 \(port {port}\)$")
+    with connect(port) as s:
+        s.sendall(frame(b"activated"))
+        assert recv_frame(s) == b"activated"
+    srv.wait_line(r"^connect \d+ 127\.0\.0\.1:\d+$")
+    srv.signal(signal.SIGTERM)
+    code, out, err = srv.finish()
+    assert code == 0, err
+    assert port_closed(port)
+    # A Unix socket passed the same way: port 0, peer credentials.
+    path = tmp_path / "act.sock"
+    srv = procs([launcher, f"unix:{path}", activated])
+    srv.wait_line(r"^listening on fd 3 \(port 0\)$")
+    with unix_connect(path) as s:
+        s.sendall(frame(b"over unix"))
+        assert recv_frame(s) == b"over unix"
+    srv.wait_line(rf"^connect \d+ unix:pid={os.getpid()},uid={os.getuid()},gid={os.getgid()}$")
+    srv.signal(signal.SIGINT)
+    assert srv.finish()[0] == 0
+
+
+def port_closed(port, within=WAIT):
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                pass
+        except ConnectionRefusedError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_activated_under_systemd_socket_activate(activated, procs, tmp_path):
+    tool = shutil.which("systemd-socket-activate")
+    if not tool:
+        pytest.skip("systemd-socket-activate is not installed (Debian package systemd)")
+    path = tmp_path / "sd.sock"
+    srv = procs([tool, "-l", str(path), activated])
+    end = time.monotonic() + WAIT
+    while not path.exists() and time.monotonic() < end:
+        time.sleep(0.02)
+    with unix_connect(path) as s:  # the first connection starts the program
+        s.sendall(frame(b"socket activated"))
+        assert recv_frame(s) == b"socket activated"
+    srv.wait_line(r"^listening on fd 3 \(port 0\)$")
+    srv.signal(signal.SIGTERM)
+    code, out, err = srv.finish()
+    assert code == 0, err
+    assert "signal 15: stopping" in out
+
+
+def test_activated_without_a_passed_socket_says_so(activated, launcher):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    p = run([activated], check=False, timeout=30, env=env)
+    assert p.returncode == 2 and "no socket was passed" in p.stderr
+    p = run([activated], check=False, timeout=30, env={**env, "LISTEN_FDS": "1", "LISTEN_PID": "1"})
+    assert p.returncode == 2, "LISTEN_PID names another process: not ours"
+    # fd 3 passed but not a listening socket: the library says TF_ERR_INVALID
+    p = run(["sh", "-c", f'LISTEN_FDS=1 LISTEN_PID=$$ exec "{activated}" 3</dev/null'], check=False, timeout=30)
+    assert p.returncode == 1 and "fd:3" in p.stderr, p.stderr

@@ -287,6 +287,9 @@ struct Flow {
     id: u32,
     sent: u64,
     recvd: u64,
+    /// When frames not yet echoed were handed to the socket, oldest first:
+    /// (time, how many frames then), for per-frame latency.
+    stamps: std::collections::VecDeque<(Instant, u32)>,
     rbuf: Vec<u8>,
     rstart: usize,
     rend: usize,
@@ -323,6 +326,7 @@ pub fn run_pipe(addr: SocketAddr, spec: &PipeSpec, t: Timing, meter: &mut Meter)
                     id: i as u32,
                     sent: 0,
                     recvd: 0,
+                    stamps: std::collections::VecDeque::new(),
                     rbuf: vec![0u8; (64 * 1024).max(4 * (spec.size + 4))],
                     rstart: 0,
                     rend: 0,
@@ -351,7 +355,9 @@ pub fn run_pipe(addr: SocketAddr, spec: &PipeSpec, t: Timing, meter: &mut Meter)
             push_frame(&mut f.wbuf, f.id, f.sent, spec.size);
             f.sent += 1;
         }
+        f.stamps.push_back((Instant::now(), spec.inflight as u32));
     }
+    out.lat_ns.reserve(4_000_000);
     let mut evs = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let start = Instant::now();
     let warm_end = start + t.warmup;
@@ -391,6 +397,9 @@ pub fn run_pipe(addr: SocketAddr, spec: &PipeSpec, t: Timing, meter: &mut Meter)
             if f.dead {
                 continue;
             }
+            // One clock read per event: when these echoes arrived, and when
+            // the frames sent in reply are handed to the socket.
+            let at = Instant::now();
             if ev & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
                 if f.rend == f.rbuf.len() {
                     f.rbuf.copy_within(f.rstart..f.rend, 0);
@@ -425,9 +434,27 @@ pub fn run_pipe(addr: SocketAddr, spec: &PipeSpec, t: Timing, meter: &mut Meter)
                     f.rend = 0;
                 }
                 total += got;
+                // Latency of each echoed frame: arrival - when it was sent.
+                let mut left = got;
+                while left > 0 {
+                    let Some(front) = f.stamps.front_mut() else { break };
+                    let take = (front.1 as u64).min(left);
+                    if measuring && out.lat_ns.len() < 20_000_000 {
+                        let dt = at.saturating_duration_since(front.0).as_nanos().min(u32::MAX as u128) as u32;
+                        out.lat_ns.extend(std::iter::repeat(dt).take(take as usize));
+                    }
+                    front.1 -= take as u32;
+                    left -= take;
+                    if front.1 == 0 {
+                        f.stamps.pop_front();
+                    }
+                }
                 for _ in 0..got {
                     push_frame(&mut f.wbuf, f.id, f.sent, spec.size);
                     f.sent += 1;
+                }
+                if got > 0 {
+                    f.stamps.push_back((at, got as u32));
                 }
             }
             // one write per batch
