@@ -9,7 +9,7 @@ use std::io::IoSlice;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tcpframe::conn::{encoded_len, Conn};
-use tcpframe::frame::encode_into;
+use tcpframe::frame::{encode_into, Format};
 use tcpframe::outq::CHUNK;
 
 fn unsent(c: &Conn) -> Vec<u8> {
@@ -20,7 +20,7 @@ fn unsent(c: &Conn) -> Vec<u8> {
 
 fuzz_target!(|data: &[u8]| {
     let fd = std::fs::File::open("/dev/null").unwrap();
-    let mut c = Conn::new(1, fd.into(), 1 << 20, Instant::now());
+    let mut c = Conn::new(1, fd.into(), 1 << 20, Format::default(), Instant::now());
     let mut expected = Vec::new();
     let mut wire = Vec::new();
     let (mut frames_in, mut frames_out) = (0u64, 0u64);
@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
             // queue a frame of a length taken from the input
             let len = (op as usize >> 1) * 97 % 70_000;
             let payload: Vec<u8> = (0..len).map(|i| i as u8 ^ op).collect();
-            c.shared.reserve(encoded_len(len), u64::MAX).unwrap();
+            c.shared.reserve(encoded_len(Format::default(), len), u64::MAX).unwrap();
             c.push_frame(&payload, &mut || None).unwrap();
             encode_into(&mut expected, &payload);
             frames_in += 1;
