@@ -10,8 +10,10 @@ export RUSTC_BOOTSTRAP=1
 for target in decoder conn_output proxy; do
   mkdir -p "corpus/$target"
   # A target that no longer builds is a failure, not a skipped run.
-  cargo fuzz build -O "$target" 2>&1 | grep -v "^ *Compiling" || true
-  if [ "${PIPESTATUS[0]}" -ne 0 ]; then echo "fuzz target $target does not build"; exit 1; fi
+  if ! cargo fuzz build -O "$target" >"/tmp/tcpframe-fuzz-build-$target.log" 2>&1; then
+    grep -v "^ *Compiling" "/tmp/tcpframe-fuzz-build-$target.log" | tail -30
+    echo "fuzz target $target does not build"; exit 1
+  fi
   echo "== fuzz $target for ${secs} s"
   cargo fuzz run -O "$target" "corpus/$target" -- -max_total_time="$secs" -print_final_stats=1 2>&1 |
     grep -E "^#[0-9]+ +DONE|^stat::number_of_executed_units|^stat::peak_rss|ERROR|panicked|SUMMARY" || true
