@@ -683,10 +683,14 @@ fn zero_threads_means_one_loop_per_cpu_the_process_may_run_on() {
     // Started from a thread allowed on one CPU only: one loop.
     if cpus > 1 {
         let handle = std::thread::spawn(|| {
-            // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+            // Allowed on the first CPU this thread may run on, only.
+            // SAFETY: zeroed cpu_set_t values are valid; the calls write inside them.
             unsafe {
+                let mut now: libc::cpu_set_t = std::mem::zeroed();
+                assert_eq!(libc::sched_getaffinity(0, std::mem::size_of_val(&now), &mut now), 0);
+                let first = (0..libc::CPU_SETSIZE as usize).find(|&c| libc::CPU_ISSET(c, &now)).unwrap();
                 let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(0, &mut set);
+                libc::CPU_SET(first, &mut set);
                 assert_eq!(libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set), 0);
             }
             let index = Arc::new(Mutex::new(HashMap::new()));
