@@ -158,32 +158,13 @@ impl<H: Handler> EventLoop<H> {
         // this iteration began (callbacks before it may have been slow).
         let read_at = Instant::now();
         bump(&self.shared.stats.bytes_received, n as u64);
-        let (mut decoder, cshared) = self.take_decoder(slot, id);
-        bump(&cshared.bytes_received, n as u64);
-        let Self { shared, handler, scratch, .. } = self;
-        let out = deliver(shared, handler, &mut decoder, &cshared, id, &scratch[..n]);
-        if let Some(from) = out.held_from {
-            // Paused in the middle of this read: keep the rest for resume.
-            let rest = &self.scratch[from..n];
-            let mut st = self.state.borrow_mut();
-            if let Some(c) = st.get_id(slot, id) {
-                if c.stash.try_reserve_exact(rest.len()).is_ok() {
-                    c.stash.extend_from_slice(rest);
-                    if !c.host_paused && !c.shared.paused.load(Ordering::Acquire) {
-                        // Held for its share of the turn, not paused: next turn.
-                        st.resumed.push((slot, id));
-                    }
-                } else {
-                    drop(st);
-                    let failed = Delivered {
-                        failure: Some((CloseReason::Overload, "no memory to hold input while paused".into())),
-                        ..out
-                    };
-                    return self.after_delivery(slot, id, Some((decoder, read_at)), failed, false);
-                }
-            }
+        if let Some(c) = self.state.borrow().get(slot) {
+            bump(&c.shared.bytes_received, n as u64);
         }
-        self.after_delivery(slot, id, Some((decoder, read_at)), out, false);
+        // Delivered from the loop's read buffer, lent out for the turn.
+        let scratch = std::mem::take(&mut self.scratch);
+        self.deliver_turn(slot, id, &scratch[..n], read_at);
+        self.scratch = scratch;
         // Replies to what was just read go out now, not after every other
         // ready connection was read: the peer waits for one read and one
         // write, not for the whole pass. A connection that other callbacks
@@ -258,24 +239,36 @@ impl<H: Handler> EventLoop<H> {
         self.enforce_budget();
     }
 
-    /// Delivers bytes that are not in the read buffer (the first frame's
-    /// bytes after a PROXY header), with the same rules as a read.
-    pub(super) fn deliver_bytes(&mut self, slot: u32, id: u64, bytes: &[u8]) {
+    /// One connection's turn: delivers `bytes` (a read, bytes held from an
+    /// earlier turn, or the first bytes after a PROXY header) and applies
+    /// the outcome. What a pause or the end of the turn leaves is held, to be
+    /// delivered first at the connection's next turn.
+    pub(super) fn deliver_turn(&mut self, slot: u32, id: u64, bytes: &[u8], read_at: Instant) {
         let (mut decoder, cshared) = self.take_decoder(slot, id);
         let Self { shared, handler, .. } = self;
-        let out = deliver(shared, handler, &mut decoder, &cshared, id, bytes);
+        let mut out = deliver(shared, handler, &mut decoder, &cshared, id, bytes);
         if let Some(from) = out.held_from {
-            let mut st = self.state.borrow_mut();
-            if let Some(c) = st.get_id(slot, id) {
-                if c.stash.try_reserve_exact(bytes.len() - from).is_ok() {
-                    c.stash.extend_from_slice(&bytes[from..]);
-                    if !c.host_paused && !c.shared.paused.load(Ordering::Acquire) {
-                        st.resumed.push((slot, id));
-                    }
-                }
+            if !self.hold(slot, id, &bytes[from..]) {
+                out.failure = Some((CloseReason::Overload, "no memory to hold undelivered input".into()));
             }
         }
-        self.after_delivery(slot, id, Some((decoder, Instant::now())), out, false);
+        self.after_delivery(slot, id, Some((decoder, read_at)), out, false);
+    }
+
+    /// Keeps bytes a turn did not deliver; schedules the next turn unless the
+    /// host paused the connection (then tf_conn_resume does). False when
+    /// memory for them cannot be had.
+    fn hold(&mut self, slot: u32, id: u64, rest: &[u8]) -> bool {
+        let mut st = self.state.borrow_mut();
+        let Some(c) = st.get_id(slot, id) else { return true };
+        if c.stash.try_reserve_exact(rest.len()).is_err() {
+            return false;
+        }
+        c.stash.extend_from_slice(rest);
+        if !c.host_paused && !c.shared.paused.load(Ordering::Acquire) && !st.resumed.contains(&(slot, id)) {
+            st.resumed.push((slot, id));
+        }
+        true
     }
 
     /// Connections the host resumed: what a pause held back is delivered
@@ -310,22 +303,7 @@ impl<H: Handler> EventLoop<H> {
                 self.sync_interest(slot);
                 continue;
             }
-            let (mut decoder, cshared) = self.take_decoder(slot, id);
-            let Self { shared, handler, .. } = self;
-            let out = deliver(shared, handler, &mut decoder, &cshared, id, &stash);
-            if let Some(from) = out.held_from {
-                // Paused again: what is left waits for the next resume.
-                let mut st = self.state.borrow_mut();
-                if let Some(c) = st.get_id(slot, id) {
-                    let mut stash = stash;
-                    stash.drain(..from);
-                    c.stash = stash;
-                    if !c.host_paused && !c.shared.paused.load(Ordering::Acquire) {
-                        st.resumed.push((slot, id));
-                    }
-                }
-            }
-            self.after_delivery(slot, id, Some((decoder, Instant::now())), out, false);
+            self.deliver_turn(slot, id, &stash, Instant::now());
         }
     }
 }

@@ -51,8 +51,9 @@ impl<H: Handler> EventLoop<H> {
                 }
                 if consumed < n {
                     // The first frame's bytes came in the same segment.
-                    let rest = self.scratch[consumed..n].to_vec();
-                    self.deliver_bytes(slot, id, &rest);
+                    let scratch = std::mem::take(&mut self.scratch);
+                    self.deliver_turn(slot, id, &scratch[consumed..n], Instant::now());
+                    self.scratch = scratch;
                 } else {
                     self.sync_interest(slot);
                 }
