@@ -296,6 +296,25 @@ _PROXY_NAMES = {"off": ProxyProtocol.OFF, "v1": ProxyProtocol.V1, "v2": ProxyPro
 _UDATA_RECENT = 4096
 
 
+def _uint_settings(settings: List[Tuple[str, Any]],
+                   table: Tuple[Tuple[str, Optional[int], str, int], ...]) -> None:
+    """Queues (setter, value) for each option given: (name, value, setter, largest)."""
+    for name, value, setter, largest in table:
+        if value is not None:
+            settings.append((setter, _uint(name, value, largest)))
+
+
+def _named(what: str, value: Union[str, int], names: Dict[str, Any]) -> Any:
+    """An option given by name ('poll', 'v2'...) or by its number."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return names[value.lower()]
+    except KeyError:
+        choices = ", ".join(repr(n) for n in names)
+        raise InvalidError(C.TF_ERR_INVALID, f"{what} must be one of {choices}, not {value!r}") from None
+
+
 def _format_address(address: Address) -> str:
     if isinstance(address, str):
         return address
@@ -479,27 +498,16 @@ class _ServerBase:
         self._port = 0
         settings: List[Tuple[str, Any]] = []  # (setter name, value) applied to a fresh tf_config
         settings.append(("tf_config_set_address", self._address.encode("utf-8")))
-        if max_connections is not None:
-            settings.append(("tf_config_set_max_connections", _uint("max_connections", max_connections, _U32_MAX)))
-        if max_frame is not None:
-            settings.append(("tf_config_set_max_frame", _uint("max_frame", max_frame, _U32_MAX)))
-        if idle_timeout_ms is not None:
-            settings.append(("tf_config_set_idle_timeout_ms", _uint("idle_timeout_ms", idle_timeout_ms, _U32_MAX)))
-        if max_queued_output is not None:
-            settings.append(("tf_config_set_max_queued_output",
-                             _uint("max_queued_output", max_queued_output, _U64_MAX)))
-        if close_timeout_ms is not None:
-            settings.append(("tf_config_set_close_timeout_ms",
-                             _uint("close_timeout_ms", close_timeout_ms, _U32_MAX)))
-        if max_buffered is not None:
-            settings.append(("tf_config_set_max_buffered", _uint("max_buffered", max_buffered, _U64_MAX)))
+        _uint_settings(settings, (
+            ("max_connections", max_connections, "tf_config_set_max_connections", _U32_MAX),
+            ("max_frame", max_frame, "tf_config_set_max_frame", _U32_MAX),
+            ("idle_timeout_ms", idle_timeout_ms, "tf_config_set_idle_timeout_ms", _U32_MAX),
+            ("max_queued_output", max_queued_output, "tf_config_set_max_queued_output", _U64_MAX),
+            ("close_timeout_ms", close_timeout_ms, "tf_config_set_close_timeout_ms", _U32_MAX),
+            ("max_buffered", max_buffered, "tf_config_set_max_buffered", _U64_MAX),
+        ))
         if backend is not None:
-            if isinstance(backend, str):
-                try:
-                    backend = _BACKEND_NAMES[backend.lower()]
-                except KeyError:
-                    raise InvalidError(C.TF_ERR_INVALID,
-                                       f"backend must be 'auto', 'poll' or 'epoll', not {backend!r}") from None
+            backend = _named("backend", backend, _BACKEND_NAMES)
             settings.append(("tf_config_set_backend", _uint("backend", int(backend), _I32_MAX)))
         if log is not None and not callable(log) and not isinstance(log, (logging.Logger, logging.LoggerAdapter)):
             raise InvalidError(C.TF_ERR_INVALID, "log must be a logging.Logger or a callable(level, message)")
@@ -521,23 +529,14 @@ class _ServerBase:
                          slow_consumer: Optional[Tuple[int, int]]) -> None:
         """Checks the options of API.md's second set of additions and queues them for _start."""
         settings = self._settings
-        if threads is not None:
-            settings.append(("tf_config_set_threads", _uint("threads", threads, _U32_MAX)))
-        if unix_mode is not None:
-            settings.append(("tf_config_set_unix_mode", _uint("unix_mode", unix_mode, _U32_MAX)))
-        if connect_timeout_ms is not None:
-            settings.append(("tf_config_set_connect_timeout_ms",
-                             _uint("connect_timeout_ms", connect_timeout_ms, _U32_MAX)))
-        if max_connections_per_ip is not None:
-            settings.append(("tf_config_set_max_connections_per_ip",
-                             _uint("max_connections_per_ip", max_connections_per_ip, _U32_MAX)))
+        _uint_settings(settings, (
+            ("threads", threads, "tf_config_set_threads", _U32_MAX),
+            ("unix_mode", unix_mode, "tf_config_set_unix_mode", _U32_MAX),
+            ("connect_timeout_ms", connect_timeout_ms, "tf_config_set_connect_timeout_ms", _U32_MAX),
+            ("max_connections_per_ip", max_connections_per_ip, "tf_config_set_max_connections_per_ip", _U32_MAX),
+        ))
         if proxy_protocol is not None:
-            if isinstance(proxy_protocol, str):
-                try:
-                    proxy_protocol = _PROXY_NAMES[proxy_protocol.lower()]
-                except KeyError:
-                    raise InvalidError(C.TF_ERR_INVALID, "proxy_protocol must be 'off', 'v1', 'v2' or "
-                                                         f"'any', not {proxy_protocol!r}") from None
+            proxy_protocol = _named("proxy_protocol", proxy_protocol, _PROXY_NAMES)
             settings.append(("tf_config_set_proxy_protocol", _uint("proxy_protocol", proxy_protocol, _I32_MAX)))
         if prefix is not None:
             if isinstance(prefix, tuple) and len(prefix) == 2:

@@ -22,6 +22,7 @@ if not os.environ.get("TCPFRAME_LIB"):
         os.environ["TCPFRAME_LIB"] = str(_target)
 
 import tcpframe  # noqa: E402
+from tcpframe import EventKind, StoppedError, TfError  # noqa: E402
 
 BACKENDS = ["poll", "epoll"] if sys.platform.startswith("linux") else ["poll"]
 WAIT = 5.0  # seconds: the bound of every wait in this suite
@@ -98,6 +99,54 @@ class Recorder:
     def wait_close(self, conn):
         self.wait(lambda r: any(c == conn for c, _ in r.closes), what=f"on_close({conn})")
         return [reason for c, reason in self.closes if c == conn]
+
+
+class PullPump:
+    """Feeds a PullServer's events into a Recorder from a thread of its own (echoing
+    messages when asked; WRITABLE events go to `writable`), so that a test can be
+    written once for both server kinds."""
+
+    def __init__(self, srv, rec, echo=False):
+        self.srv, self.rec, self.echo = srv, rec, echo
+        self.writable = []
+        self.done = threading.Event()
+        self.error = None
+        self.thread = threading.Thread(target=self._run, name="pump", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            while not self.done.is_set():
+                try:
+                    events = self.srv.poll(max=64, timeout_ms=20)
+                except StoppedError:
+                    return
+                for ev in events:
+                    if ev.kind == EventKind.CONNECT:
+                        self.rec.on_connect(ev.conn, ev.peer)
+                    elif ev.kind == EventKind.MESSAGE:
+                        self.rec.on_message(ev.conn, ev.data)
+                        if self.echo:
+                            try:
+                                self.srv.send(ev.conn, ev.data)
+                            except TfError:
+                                pass
+                    elif ev.kind == EventKind.CLOSE:
+                        self.rec.on_close(ev.conn, ev.reason)
+                    elif ev.kind == EventKind.WRITABLE:
+                        with self.rec.cond:
+                            self.writable.append(ev.conn)
+                            self.rec.cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by stop()
+            self.error = exc
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive(), "pull pump did not stop"
+        if self.error is not None:
+            raise self.error
+
 
 
 @pytest.fixture(params=BACKENDS)

@@ -21,7 +21,7 @@ import tcpframe
 from tcpframe import (TF_PREFIX_BIG_ENDIAN, TF_PREFIX_INCLUDES_ITSELF, Client, CloseReason, ConnInfo,
                       EventKind, FullError, InvalidError, NoConnError, PrefixFlag, ProxyProtocol,
                       PullServer, Server, StoppedError, TfError, TooLargeError, encode_frame)
-from conftest import WAIT, Recorder, wait_until
+from conftest import WAIT, PullPump, Recorder, wait_until
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -78,57 +78,12 @@ def make_echo(make_server, backend, rec=None, **kw):
     return holder["srv"], rec
 
 
-class Pump:
-    """Feeds a PullServer's events into a Recorder from its own thread (echoing messages
-    when asked), and records WRITABLE events."""
-
-    def __init__(self, srv, rec, echo=False):
-        self.srv, self.rec, self.echo = srv, rec, echo
-        self.writable = []
-        self.done = threading.Event()
-        self.error = None
-        self.thread = threading.Thread(target=self._run, name="pump", daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            while not self.done.is_set():
-                try:
-                    events = self.srv.poll(max=64, timeout_ms=20)
-                except StoppedError:
-                    return
-                for ev in events:
-                    if ev.kind == EventKind.CONNECT:
-                        self.rec.on_connect(ev.conn, ev.peer)
-                    elif ev.kind == EventKind.MESSAGE:
-                        self.rec.on_message(ev.conn, ev.data)
-                        if self.echo:
-                            try:
-                                self.srv.send(ev.conn, ev.data)
-                            except TfError:
-                                pass
-                    elif ev.kind == EventKind.CLOSE:
-                        self.rec.on_close(ev.conn, ev.reason)
-                    elif ev.kind == EventKind.WRITABLE:
-                        with self.rec.cond:
-                            self.writable.append(ev.conn)
-                            self.rec.cond.notify_all()
-        except BaseException as exc:  # noqa: BLE001 - re-raised by stop()
-            self.error = exc
-
-    def stop(self):
-        self.done.set()
-        self.thread.join(WAIT)
-        if self.error is not None:
-            raise self.error
-
-
 @pytest.fixture
 def pumps():
     made = []
 
     def make(srv, rec, echo=False):
-        p = Pump(srv, rec, echo)
+        p = PullPump(srv, rec, echo)
         made.append(p)
         return p
 

@@ -14,7 +14,7 @@ import pytest
 import tcpframe
 from tcpframe import (CloseReason, EventKind, FullError, InvalidError, NoConnError, PullServer,
                       Server, StoppedError, TfError, _lib)
-from conftest import WAIT, Recorder, wait_until
+from conftest import WAIT, PullPump, Recorder, wait_until
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -22,47 +22,6 @@ KiB = 1 << 10
 
 # ---------------------------------------------------------------------------
 # Helpers
-
-
-class PullPump:
-    """Feeds a PullServer's events into a Recorder from a thread of its own, so that a
-    test can be written once for both server kinds. Optionally echoes messages."""
-
-    def __init__(self, srv, rec, echo=False):
-        self.srv, self.rec, self.echo = srv, rec, echo
-        self.done = threading.Event()
-        self.error = None
-        self.thread = threading.Thread(target=self._run, name="pull-pump", daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            while not self.done.is_set():
-                try:
-                    events = self.srv.poll(max=64, timeout_ms=50)
-                except StoppedError:
-                    return
-                for ev in events:
-                    if ev.kind == EventKind.CONNECT:
-                        self.rec.on_connect(ev.conn, ev.peer)
-                    elif ev.kind == EventKind.MESSAGE:
-                        self.rec.on_message(ev.conn, ev.data)
-                        if self.echo:
-                            try:
-                                self.srv.send(ev.conn, ev.data)
-                            except TfError:
-                                pass
-                    elif ev.kind == EventKind.CLOSE:
-                        self.rec.on_close(ev.conn, ev.reason)
-        except BaseException as exc:  # noqa: BLE001 - reported by stop()
-            self.error = exc
-
-    def stop(self):
-        self.done.set()
-        self.thread.join(WAIT)
-        assert not self.thread.is_alive(), "pull pump did not stop"
-        if self.error is not None:
-            raise self.error
 
 
 @pytest.fixture(params=["callbacks", "pull"])
