@@ -634,39 +634,9 @@ impl HookServer {
     /// (slow consumer, prefix...). on_writable / on_messages are set from
     /// the hooks.
     pub fn start_with(o: Opts, hooks: Hooks, extra: impl FnOnce(*mut tf_config)) -> HookServer {
-        let hooks = std::sync::Arc::new(hooks);
-        let batched = hooks.on_messages.is_some();
-        let cb = tf_callbacks {
-            user_data: std::sync::Arc::as_ptr(&hooks) as *mut c_void,
-            on_connect: Some(hook_connect),
-            on_message: if batched { None } else { Some(hook_message) },
-            on_close: Some(hook_close),
-        };
-        let cfg = config(&o);
-        // SAFETY: cfg is live.
-        unsafe {
-            if hooks.on_writable.is_some() {
-                assert_eq!(tf_config_set_on_writable(cfg, Some(hook_writable)), TF_OK);
-            }
-            if batched {
-                assert_eq!(tf_config_set_on_messages(cfg, Some(hook_messages)), TF_OK);
-            }
-        }
-        extra(cfg);
-        // tf_server_start writes *out before any callback can run: callbacks
-        // read the handle from here.
-        let out = hooks.rec.srv.as_ptr();
-        // SAFETY: cfg, cb and out are live.
-        let rc = unsafe { tf_server_start(cfg, &cb, out) };
-        // SAFETY: cfg came from tf_config_new.
-        unsafe { tf_config_free(cfg) };
-        assert_eq!(rc, TF_OK, "tf_server_start: {}", last_error());
-        let srv = hooks.rec.srv.load(Ordering::SeqCst);
-        // SAFETY: srv is live.
-        let port = unsafe { tf_server_port(srv) };
-        assert_ne!(port, 0);
-        let addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port);
-        HookServer { srv, hooks, port, addr, owned: true }
+        let srv = HookServer::start_any(o, hooks, extra);
+        assert_ne!(srv.port, 0, "a TCP listener has a port");
+        srv
     }
 
     pub fn rec(&self) -> &Recorder {
