@@ -223,9 +223,20 @@ impl PullHost {
         };
         // The CLOSE events handed out by the previous poll: their connections'
         // ids (and user data) are forgotten now, as the contract says.
-        for ev in last.iter().filter(|ev| ev.kind == EVENT_CLOSE) {
-            let sh = &self.loops[self.loops[0].core.loop_of(ev.conn)];
-            sh.lock_inbox().registry.remove(&ev.conn);
+        if last.iter().any(|ev| ev.kind == EVENT_CLOSE) {
+            // One lock per loop, not one per closed connection.
+            for (i, sh) in self.loops.iter().enumerate() {
+                let mut closed = last
+                    .iter()
+                    .filter(|ev| ev.kind == EVENT_CLOSE && sh.core.loop_of(ev.conn) == i)
+                    .peekable();
+                if closed.peek().is_some() {
+                    let mut inbox = sh.lock_inbox();
+                    for ev in closed {
+                        inbox.registry.remove(&ev.conn);
+                    }
+                }
+            }
         }
         last.clear();
         let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));

@@ -255,22 +255,27 @@ impl Shared {
 
     /// One host-thread send, under the inbox lock (stop already checked).
     pub(crate) fn send_locked(&self, inbox: &mut Inbox, id: u64, payload: Frame<'_>) -> Result<()> {
-        let conn = match inbox.registry.get(&id) {
-            Some(c) if c.takes_frames() => c.clone(),
+        let n = encoded_len(self.format, payload.len());
+        // Checked and reserved in one borrow of the registry (no reference
+        // count taken per frame); None: full, and whether to start watching.
+        let reserved = match inbox.registry.get(&id) {
+            Some(c) if c.takes_frames() => match c.reserve(n, self.max_queued_output) {
+                Ok(()) => None,
+                Err(_) => Some(self.track_writable && !c.want_writable.swap(true, Ordering::AcqRel)),
+            },
             _ => return Err(Error::no_conn(id)),
         };
-        let n = encoded_len(self.format, payload.len());
-        if conn.reserve(n, self.max_queued_output).is_err() {
-            if self.track_writable && !conn.want_writable.swap(true, Ordering::AcqRel) {
-                // The loop watches it from now on (it alone knows when it drains).
-                if inbox.push_cmd(CMD_WATCH, id).is_ok() {
-                    self.wake();
-                }
+        if let Some(watch) = reserved {
+            // The loop watches it from now on (it alone knows when it drains).
+            if watch && inbox.push_cmd(CMD_WATCH, id).is_ok() {
+                self.wake();
             }
             return Err(full_error(id, payload.len(), self.max_queued_output));
         }
         if inbox.push_send(id, self.format, payload).is_err() {
-            conn.release(n);
+            if let Some(c) = inbox.registry.get(&id) {
+                c.release(n);
+            }
             return Err(out_of_memory(id, payload.len()));
         }
         Ok(())
