@@ -140,19 +140,16 @@ pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
 
 /// Whether TCP_NODELAY is set (tests check that accepted sockets inherit it).
 pub fn nodelay(fd: RawFd) -> io::Result<bool> {
+    Ok(int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY)? != 0)
+}
+
+/// An integer socket option.
+pub(super) fn int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `v` and `len` are live and sized for the option.
-    cvt(unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            &mut v as *mut _ as *mut libc::c_void,
-            &mut len,
-        )
-    })?;
-    Ok(v != 0)
+    cvt(unsafe { libc::getsockopt(fd, level, name, &mut v as *mut _ as *mut libc::c_void, &mut len) })?;
+    Ok(v)
 }
 
 /// recv(2) into `buf`, retrying EINTR. Ok(0) is end of stream.

@@ -2,6 +2,7 @@
 //! a path or an abstract name (with the stale-socket rule and the mode),
 //! peer credentials, inherited listeners (fd:N), and outbound connects.
 
+use super::socket::int_opt;
 use super::{cvt, retry};
 use crate::addr::{Address, UnixName};
 use std::io;
@@ -157,14 +158,6 @@ pub fn peer_cred(fd: RawFd) -> io::Result<(i32, u32, u32)> {
     Ok((cred.pid, cred.uid, cred.gid))
 }
 
-fn int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `v` and `len` are live and sized for the option.
-    cvt(unsafe { libc::getsockopt(fd, level, name, &mut v as *mut _ as *mut libc::c_void, &mut len) })?;
-    Ok(v)
-}
-
 /// Checks that `fd` is a listening stream socket (fd:N). Takes nothing: the
 /// caller adopts it only once the server has started.
 pub fn check_inherited_listener(fd: RawFd) -> io::Result<()> {
@@ -223,17 +216,8 @@ pub fn connect(addr: &Address) -> io::Result<(OwnedFd, bool)> {
             })?;
             // SAFETY: `fd` was just returned by socket(2) and is owned by no one else.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let one: libc::c_int = 1;
-            // SAFETY: passes a live c_int and its size. Small frames never wait for Nagle.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::IPPROTO_TCP,
-                    libc::TCP_NODELAY,
-                    &one as *const _ as *const libc::c_void,
-                    mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
+            // Small frames never wait for Nagle.
+            let _ = super::socket::set_nodelay(fd.as_raw_fd());
             let (storage, len) = super::socket::to_sockaddr(a);
             let r = retry(|| {
                 // SAFETY: `storage` holds a valid sockaddr of length `len`.
