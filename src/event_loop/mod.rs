@@ -30,7 +30,7 @@ pub use state::{State, StateConfig};
 
 use crate::addr::Address;
 use crate::config::LogLevel;
-use crate::conn::CloseReason;
+use crate::conn::{CloseReason, NIL};
 use crate::frame::Format;
 use crate::outq::OutQueue;
 use crate::shared::{IdMap, Shared};
@@ -256,8 +256,21 @@ impl<H: Handler> EventLoop<H> {
             self.log.log(Topic::Internal, LogLevel::Error, || {
                 "tcpframe: internal error (panic) caught in the loop".into()
             });
-            if let (Some(slot), Ok(mut st)) = (slot, self.state.try_borrow_mut()) {
-                st.mark_closing(slot, CloseReason::Io);
+            if let Ok(mut st) = self.state.try_borrow_mut() {
+                st.current = (0, NIL);
+                if let Some(slot) = slot {
+                    st.mark_closing(slot, CloseReason::Io);
+                }
+            }
+            // The read buffer is lent out during a delivery: a panic there
+            // left an empty one, and a read into it would look like end of
+            // stream on every connection after.
+            if self.scratch.len() != SCRATCH {
+                let mut fresh = Vec::new();
+                if fresh.try_reserve_exact(SCRATCH).is_ok() {
+                    fresh.resize(SCRATCH, 0);
+                }
+                self.scratch = fresh;
             }
         }
     }
