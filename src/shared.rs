@@ -202,6 +202,23 @@ pub struct Shared {
     /// The listener is closed (true), or the loop has ended; with its condvar.
     pub drained: Mutex<bool>,
     pub drained_cv: Condvar,
+    /// What tf_server_drain does at once from a callback of loop 0.
+    pub early_drain: Mutex<EarlyDrain>,
+}
+
+/// tf_server_drain called from one of loop 0's own callbacks cannot wait for
+/// the loop (it is that thread): the call takes the accept queue and stops
+/// the listener listening right away, so that no connection attempt after
+/// the call succeeds; the loop serves what was taken once the callback
+/// returns, and closes the descriptor.
+#[derive(Default)]
+pub struct EarlyDrain {
+    /// The listener the library created (not an inherited one: shutting
+    /// down a socket other processes hold would stop theirs too); None once
+    /// the loop closed it.
+    pub listener: Option<std::os::fd::RawFd>,
+    /// Connections taken from the accept queue by the call.
+    pub accepted: Vec<crate::sys::Accepted>,
 }
 
 impl Shared {
@@ -216,6 +233,10 @@ impl Shared {
         if !self.wake_pending.swap(true, Ordering::AcqRel) {
             self.waker.set();
         }
+    }
+
+    pub fn lock_early_drain(&self) -> MutexGuard<'_, EarlyDrain> {
+        self.early_drain.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The loop closed the listener (drain or stop): drain waiters go on.

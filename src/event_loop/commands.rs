@@ -14,6 +14,22 @@ use std::time::Instant;
 /// listen backlog is 1024).
 const DRAIN_ACCEPTS: usize = 4096;
 
+/// tf_server_drain from a callback of loop 0 (whose thread owns `listener`,
+/// so it cannot be closed meanwhile): takes the accept queue, then stops the
+/// listener listening. The loop admits what was taken and closes it after.
+pub fn stop_listening(listener: std::os::fd::RawFd) -> Vec<sys::Accepted> {
+    let mut taken = Vec::new();
+    for _ in 0..DRAIN_ACCEPTS {
+        match sys::accept(listener) {
+            Ok(a) => taken.push(a),
+            Err(_) => break,
+        }
+    }
+    // A failure leaves it listening: the loop still closes it at once.
+    let _ = sys::stop_listening(listener);
+    taken
+}
+
 impl<H: Handler> EventLoop<H> {
     /// Applies what host threads queued, and notices a stop request.
     pub(super) fn drain_inbox(&mut self) {
@@ -122,6 +138,7 @@ impl<H: Handler> EventLoop<H> {
     /// another server may bind the address at once, and a Unix socket file
     /// we created is removed.
     pub(super) fn close_listener(&mut self) {
+        self.shared.lock_early_drain().listener = None;
         if let Some(l) = self.listener.take() {
             self.poller.delete(sys::raw(&l), LISTENER);
         }
@@ -140,6 +157,11 @@ impl<H: Handler> EventLoop<H> {
             return;
         }
         self.drained = true;
+        // What a drain from a callback took from the queue is served first.
+        let taken = std::mem::take(&mut self.shared.lock_early_drain().accepted);
+        for a in taken {
+            self.admit(a);
+        }
         // Connections the kernel completed already are served, not reset:
         // take the whole accept queue (bounded by the backlog) first.
         if let Some(listener) = self.listener.as_ref().map(sys::raw) {

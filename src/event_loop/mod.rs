@@ -22,6 +22,7 @@ mod start;
 mod state;
 mod write;
 
+pub use commands::stop_listening;
 pub use local::{
     current_loop, current_loop_shared, local_abort, local_close, local_send, on_any_loop_thread, with_state,
 };
@@ -309,7 +310,7 @@ impl<H: Handler> EventLoop<H> {
     /// less than a millisecond away is not a zero-timeout spin. -1: none;
     /// 0 only when work is already waiting.
     fn next_timeout(&self) -> i32 {
-        if self.has_ready_work() {
+        if self.has_ready_work() || (!self.drained && self.shared.drain_requested.load(Ordering::Acquire)) {
             return 0;
         }
         let mut next: Option<Instant> = self.shutdown_deadline;

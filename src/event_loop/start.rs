@@ -77,6 +77,9 @@ pub struct Starter<H: Handler> {
 impl<H: Handler> Starter<H> {
     /// Runs the loop on the current thread until the server stops.
     pub fn run(self) {
+        if !self.listening.inherited {
+            self.shared.lock_early_drain().listener = self.listening.fd.as_ref().map(crate::sys::raw);
+        }
         let state = Rc::new(RefCell::new(State::new(StateConfig {
             track_idle: self.idle_timeout.is_some(),
             max_queued_output: self.max_queued_output,

@@ -279,10 +279,17 @@ pub unsafe extern "C" fn tf_conn_abort(srv: *mut tf_server, conn: tf_conn_id) ->
 /// rolling restarts: drain, wait until connections_active is 0 (or a
 /// deadline), stop. Idempotent.
 ///
+/// Connections whose handshake the kernel completed before the call (its
+/// accept queue) are accepted and served, not reset; every attempt after
+/// the call returns is refused.
+///
 /// Returns TF_OK; TF_ERR_STOPPED once stop has begun; TF_ERR_INVALID for
-/// NULL. From inside one of this server's callbacks it returns at once and
-/// the listener is closed as soon as the callback returns, before any other
-/// connection is accepted.
+/// NULL. From inside one of this server's callbacks it returns at once:
+/// the listener stops listening during the call (attempts after it are
+/// refused) and its descriptor is closed as soon as the callback returns.
+/// (An inherited `fd:N` listener is only closed then, since other
+/// processes may share it; with several loop threads, a callback on a
+/// thread other than the first waits for the first to close it.)
 ///
 /// **Thread:** any thread, including inside callbacks.
 #[no_mangle]

@@ -285,14 +285,22 @@ impl Server {
         Ok(id)
     }
 
-    /// tf_server_drain: closes the listener now (from a callback of this
-    /// server: as soon as the callback returns, before any other accept).
+    /// tf_server_drain: closes the listener now (from a callback of loop 0:
+    /// stops it listening now, closes it when the callback returns).
     pub fn drain(&self) -> Result<()> {
         self.check_live()?;
         // Loop 0 owns the listener.
         let sh = self.first();
         sh.drain_requested.store(true, Ordering::Release);
         if event_loop::current_loop_shared() == Some(std::sync::Arc::as_ptr(sh) as usize) {
+            // On loop 0's thread, inside a callback: the loop cannot close
+            // the listener before the callback returns, so stop it listening
+            // now (the loop, the only thread that closes it, is this one).
+            let mut early = sh.lock_early_drain();
+            if let Some(fd) = early.listener {
+                let taken = event_loop::stop_listening(fd);
+                early.accepted.extend(taken);
+            }
             return Ok(());
         }
         sh.wake();

@@ -126,6 +126,7 @@ impl Server {
                 drain_requested: AtomicBool::new(false),
                 drained: Mutex::new(false),
                 drained_cv: std::sync::Condvar::new(),
+                early_drain: Mutex::new(Default::default()),
             }));
         }
         let listening = Listening::open(config)?;

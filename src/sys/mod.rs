@@ -10,7 +10,8 @@ mod waker;
 
 pub use mapbuf::MapBuf;
 pub use socket::{
-    accept, discard_input, listen, nodelay, raw, recv, send, sendv, set_linger_zero, set_nodelay, Accepted,
+    accept, discard_input, listen, nodelay, raw, recv, send, sendv, set_linger_zero, set_nodelay,
+    stop_listening, Accepted,
 };
 pub use unix::{
     adopt, check_inherited_listener, connect, connect_result, listen_unix, local_addr, peer_cred,

@@ -133,6 +133,15 @@ pub fn accept(listener: RawFd) -> io::Result<Accepted> {
     Ok(Accepted { fd, peer: from_sockaddr(&storage) })
 }
 
+/// Stops a listening socket listening without closing it (shutdown(2) with
+/// SHUT_RD): from then on connection attempts are refused, TCP and Unix
+/// alike; connections still in its queue are reset, so take them first.
+pub fn stop_listening(listener: RawFd) -> io::Result<()> {
+    // SAFETY: shutdown(2) only reads its integer arguments; on a descriptor
+    // that is not a socket it fails with ENOTSOCK.
+    cvt(unsafe { libc::shutdown(listener, libc::SHUT_RD) }).map(|_| ())
+}
+
 /// Sets TCP_NODELAY (for sockets accepted on an inherited listener).
 pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
     set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)

@@ -130,8 +130,13 @@ static void hc_message(void *u, tf_conn_id c, const uint8_t *d, size_t n) {
 static void hc_messages(void *u, const tf_event *ev, size_t count) {
     (void)u;
     int bad = count == 0;
-    for (size_t i = 0; i < count; i++) {
+    for (size_t i = 0; i < count; i++)
         bad |= ev[i].kind != TF_EVENT_MESSAGE || ev[i].reason != 0 || (ev[i].len && !ev[i].data);
+    /* The batch is recorded before its frames: a test that saw the last
+       frame counted sees every batch too. */
+    LOCKED(if (H.batches < LIST_MAX) H.batch_size[H.batches] = (int)count;
+           H.batches++; H.bad_batch |= bad);
+    for (size_t i = 0; i < count; i++) {
         record_msg(ev[i].conn, ev[i].data, ev[i].len);
         if (H.batch_pause && is(ev[i].data, ev[i].len, "pause") &&
             tf_conn_pause(H.srv, ev[i].conn) != TF_OK)
@@ -155,8 +160,6 @@ static void hc_messages(void *u, const tf_event *ev, size_t count) {
         if (rc != TF_OK)
             LOCKED(H.cb_errors++);
     }
-    LOCKED(if (H.batches < LIST_MAX) H.batch_size[H.batches] = (int)count;
-           H.batches++; H.bad_batch |= bad);
 }
 
 static void hc_close(void *u, tf_conn_id c, int32_t reason) {
