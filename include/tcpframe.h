@@ -980,7 +980,9 @@ int32_t tf_server_stats(const struct tf_server *srv, struct tf_stats *out);
  * output up to `drain_ms` to be written, closes every connection
  * (on_close(TF_CLOSE_SHUTDOWN) for each still open) and joins the loop
  * thread. When it returns no callback will run again, so user_data may be
- * freed. Idempotent (later calls return TF_OK at once).
+ * freed. Idempotent: a later call returns TF_OK at once, and a call made while
+ * another thread is stopping the server returns when that stop is over (no
+ * callback runs after either returns).
  *
  * Returns TF_ERR_INVALID when called from inside any callback, of this
  * server or of another one (waiting there for a loop thread could wait for

@@ -368,6 +368,8 @@ pub struct Core {
     pub log_lock: Mutex<()>,
     /// (loops ended, a handle to drop once they all have).
     deferred: Mutex<(usize, Option<Box<dyn Send>>)>,
+    /// Signalled as each loop ends (with `deferred`'s count).
+    ended: Condvar,
 }
 
 impl Core {
@@ -381,6 +383,7 @@ impl Core {
             ip_counts: Mutex::new(HashMap::new()),
             log_lock: Mutex::new(()),
             deferred: Mutex::new((0, None)),
+            ended: Condvar::new(),
         }
     }
 
@@ -423,6 +426,7 @@ impl Core {
         let handle = {
             let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
             d.0 += 1;
+            self.ended.notify_all();
             if d.0 == self.nloops {
                 d.1.take()
             } else {
@@ -430,6 +434,16 @@ impl Core {
             }
         };
         drop(handle);
+    }
+
+    /// Returns once every loop thread has ended (its last callback has
+    /// returned): a stop that found another stop joining the threads must
+    /// not return before that one's callbacks are over.
+    pub fn wait_loops_ended(&self) {
+        let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        while d.0 < self.nloops {
+            d = self.ended.wait(d).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// Counts a connection from `ip` unless it already has `limit`.

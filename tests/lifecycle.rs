@@ -470,3 +470,44 @@ fn stop_drains_every_queued_frame_in_order() {
         assert_eq!(srv.rec.closes_of(id), vec![TF_CLOSE_SHUTDOWN]);
     }
 }
+
+/// Two threads stop the server at about the same time: the second call must
+/// not return while the first one's on_close callbacks still run (a host
+/// frees what its callbacks use once its own stop returned).
+#[test]
+fn a_concurrent_second_stop_returns_only_after_the_last_callback() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::sync::Arc;
+    let returned = Arc::new(AtomicBool::new(false));
+    let late = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (r, l, c) = (returned.clone(), late.clone(), closed.clone());
+    let hooks = Hooks {
+        on_close: Some(Box::new(move |_, _, _| {
+            std::thread::sleep(Duration::from_millis(150));
+            if r.load(Ordering::SeqCst) {
+                l.fetch_add(1, Ordering::SeqCst);
+            }
+            c.fetch_add(1, Ordering::SeqCst);
+        })),
+        ..Hooks::default()
+    };
+    let s = HookServer::start(Opts::default(), hooks);
+    let conns: Vec<_> = (0..3).map(|_| s.connect_id()).collect();
+    let srv = s.srv as usize;
+    // SAFETY: the server stays live until `s` drops, after both stops.
+    let first = std::thread::spawn(move || unsafe { tf_server_stop(srv as *mut tf_server, 0) });
+    // The first stop has begun once sends are refused as STOPPED.
+    let deadline = Instant::now() + WAIT;
+    // SAFETY: s.srv is live; the payload is a valid slice.
+    while unsafe { tf_send(s.srv, conns[0].1, b"x".as_ptr(), 1) } != TF_ERR_STOPPED {
+        assert!(Instant::now() < deadline, "the first stop never began");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { tf_server_stop(s.srv, 0) }, TF_OK);
+    returned.store(true, Ordering::SeqCst);
+    assert_eq!(closed.load(Ordering::SeqCst), 3, "the second stop returned before every on_close");
+    assert_eq!(first.join().unwrap(), TF_OK);
+    assert_eq!(late.load(Ordering::SeqCst), 0, "a callback ran after tf_server_stop returned");
+}

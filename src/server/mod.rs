@@ -241,6 +241,9 @@ impl Server {
             // The loop catches its own panics; a join error is not expected.
             let _ = handle.join();
         }
+        // Another stop may have taken the handles first and still be
+        // joining them: wait for the loops themselves.
+        self.core.wait_loops_ended();
     }
 
     /// tf_server_free's first half: stops the server so that no callback
