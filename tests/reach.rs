@@ -764,6 +764,19 @@ fn abstract_unix_socket_echoes_and_leaves_no_file() {
     drop(again);
 }
 
+/// The longest abstract name the contract allows (107 bytes) listens and
+/// is reached, by a peer and by tf_connect's address parser alike.
+#[test]
+fn a_107_byte_abstract_name_listens_and_echoes() {
+    let mut name = abstract_name("long");
+    name.push_str(&"n".repeat(107 - name.len()));
+    let srv = echo_server(&format!("unix:@{name}"), Fmt { width: 4, flags: 0 }, None);
+    let mut s = abstract_connect(&name).unwrap();
+    write_frame_any(&mut s, b"107");
+    assert_eq!(Fmt { width: 4, flags: 0 }.read(&mut s).as_deref(), Some(&b"107"[..]));
+    drop(srv);
+}
+
 fn write_frame_any(s: &mut impl Write, payload: &[u8]) {
     s.write_all(&frame(payload)).unwrap();
 }

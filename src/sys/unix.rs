@@ -36,11 +36,12 @@ fn unix_sockaddr(name: &UnixName) -> io::Result<(libc::sockaddr_un, libc::sockle
     let mut sa: libc::sockaddr_un = unsafe { mem::zeroed() };
     sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
     let base = mem::size_of::<libc::sa_family_t>();
+    // A path needs its terminating NUL; an abstract name its leading one.
     let (bytes, offset): (&[u8], usize) = match name {
         UnixName::Path(p) => (p, 0),
         UnixName::Abstract(n) => (n, 1), // sun_path[0] stays NUL
     };
-    if offset + bytes.len() >= sa.sun_path.len() {
+    if bytes.len() + 1 > sa.sun_path.len() {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
     for (i, &b) in bytes.iter().enumerate() {
