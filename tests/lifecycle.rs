@@ -511,3 +511,29 @@ fn a_concurrent_second_stop_returns_only_after_the_last_callback() {
     assert_eq!(first.join().unwrap(), TF_OK);
     assert_eq!(late.load(Ordering::SeqCst), 0, "a callback ran after tf_server_stop returned");
 }
+
+/// A length no slice can have (a negative length cast to size_t, SIZE_MAX)
+/// is longer than max frame: TF_ERR_TOO_LARGE from every send call, and
+/// nothing is read from the pointer.
+#[test]
+fn a_length_past_any_slice_is_too_large_for_every_send_call() {
+    let srv = TestServer::start(Opts { echo: false, ..Opts::default() });
+    let (mut s, id) = srv.connect_id();
+    let p = b"x".as_ptr();
+    for len in [usize::MAX, usize::MAX - 3, isize::MAX as usize + 1] {
+        // SAFETY: the call refuses the length before reading through `p`.
+        unsafe {
+            assert_eq!(tf_send(srv.srv, id, p, len), TF_ERR_TOO_LARGE, "tf_send {len}");
+            let iov = [tf_iovec { base: p, len }];
+            assert_eq!(tf_sendv(srv.srv, id, iov.as_ptr(), 1), TF_ERR_TOO_LARGE, "tf_sendv {len}");
+            let mut queued = 7usize;
+            assert_eq!(
+                tf_send_many(srv.srv, &id, 1, p, len, &mut queued),
+                TF_ERR_TOO_LARGE,
+                "send_many {len}"
+            );
+        }
+    }
+    assert_eq!(srv.send(id, b"after"), TF_OK);
+    assert_eq!(read_frame(&mut s).unwrap(), b"after", "the refused calls queued nothing");
+}

@@ -4,7 +4,7 @@
 
 use super::pull::{tf_event, TF_EVENT_MESSAGE};
 use super::server::{server, tf_server};
-use super::{arg_bytes, arg_mut, arg_out, guard, tf_config, tf_conn_id};
+use super::{arg_bytes, arg_mut, arg_out, frame_bytes, guard, tf_config, tf_conn_id};
 use crate::error::{Error, Result};
 use std::ffi::c_void;
 
@@ -143,7 +143,7 @@ pub unsafe extern "C" fn tf_send_batch(srv: *mut tf_server, outs: *mut tf_out, n
             .map_err(|_| Error::new(crate::error::Code::Full, "no memory for the batch"))?;
         for o in outs.iter() {
             // SAFETY: each entry's data is NULL or `len` readable bytes.
-            entries.push((o.conn, unsafe { arg_bytes(o.data, o.len, "data") }));
+            entries.push((o.conn, unsafe { frame_bytes(o.data, o.len, "data") }));
         }
         let codes = s.inner.send_batch(&entries)?;
         for (o, code) in outs.iter_mut().zip(codes) {

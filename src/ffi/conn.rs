@@ -3,7 +3,7 @@
 //! policy and connection info.
 
 use super::server::{server, tf_server};
-use super::{arg_bytes, arg_mut, arg_out, guard, guard_or, tf_config, tf_conn_id};
+use super::{arg_mut, arg_out, frame_bytes, guard, guard_or, tf_config, tf_conn_id};
 use crate::error::Error;
 use crate::outq::Frame;
 use std::ffi::c_void;
@@ -119,7 +119,7 @@ pub unsafe extern "C" fn tf_sendv(
         let mut total = 0usize;
         for (i, v) in iov.iter().enumerate() {
             // SAFETY: each piece is NULL or `len` readable bytes.
-            let part = unsafe { arg_bytes(v.base, v.len, &format!("iov[{i}].base"))? };
+            let part = unsafe { frame_bytes(v.base, v.len, &format!("iov[{i}].base"))? };
             total = total.checked_add(part.len()).ok_or_else(|| Error::invalid("iovec lengths overflow"))?;
             parts.push(part);
         }
@@ -164,7 +164,7 @@ pub unsafe extern "C" fn tf_send_many(
             unsafe { std::slice::from_raw_parts(conns, n) }
         };
         // SAFETY: `data` is NULL or `len` readable bytes.
-        let payload = unsafe { arg_bytes(data, len, "data")? };
+        let payload = unsafe { frame_bytes(data, len, "data")? };
         let count = s.inner.send_many(ids, payload)?;
         if !queued.is_null() {
             // SAFETY: non-NULL `queued` points to a writable size_t.

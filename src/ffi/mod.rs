@@ -254,6 +254,23 @@ pub(crate) unsafe fn arg_bytes<'a>(p: *const u8, len: usize, what: &str) -> Resu
     Ok(unsafe { std::slice::from_raw_parts(p, len) })
 }
 
+/// A frame's payload, as arg_bytes, except that a length past any slice
+/// (above PTRDIFF_MAX, e.g. a negative length cast to size_t) is what it is
+/// for tf_send: longer than max frame, TF_ERR_TOO_LARGE.
+///
+/// # Safety
+/// As arg_bytes.
+pub(crate) unsafe fn frame_bytes<'a>(p: *const u8, len: usize, what: &str) -> Result<&'a [u8]> {
+    if len > isize::MAX as usize && !p.is_null() {
+        return Err(Error::new(
+            crate::error::Code::TooLarge,
+            format!("{what} length {len} is larger than any frame"),
+        ));
+    }
+    // SAFETY: the caller's contract, passed on.
+    unsafe { arg_bytes(p, len, what) }
+}
+
 /// The message of the last failed call on the calling thread; "" if none.
 ///
 /// **Thread:** any thread; each thread has its own message.

@@ -1,6 +1,6 @@
 //! tf_server in callback mode: start, port, send, close, stats, stop, free.
 
-use super::{arg_bytes, arg_ref, guard, guard_or, tf_config, tf_conn_id};
+use super::{arg_ref, frame_bytes, guard, guard_or, tf_config, tf_conn_id};
 use crate::config::Config;
 use crate::conn::CloseReason;
 use crate::error::{Error, Result};
@@ -226,7 +226,7 @@ pub unsafe extern "C" fn tf_send(srv: *mut tf_server, conn: tf_conn_id, data: *c
         let s = unsafe { server(srv)? };
         // SAFETY: `data` is NULL or `len` readable bytes (checked after the
         // server's state, so that STOPPED wins as the contract says).
-        s.inner.send_with(conn, || unsafe { arg_bytes(data, len, "data") })
+        s.inner.send_with(conn, || unsafe { frame_bytes(data, len, "data") })
     })
 }
 
