@@ -245,6 +245,11 @@ impl Decoder {
         self.partial.is_empty()
     }
 
+    /// Bytes of a partial frame received so far (prefix included).
+    pub fn held_len(&self) -> usize {
+        self.partial.len()
+    }
+
     /// Heap bytes held for a partial frame.
     pub fn held_capacity(&self) -> usize {
         self.partial.capacity()

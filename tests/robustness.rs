@@ -403,6 +403,41 @@ fn the_partial_frame_budget_closes_the_connection_holding_the_most() {
     assert_eq!(read_frame(&mut fresh).unwrap(), b"still served");
 }
 
+/// The budget is in bytes held, not in what their buffers reserve: 30,005
+/// bytes under a 50,000 budget close nothing; past it, the connection that
+/// holds the most bytes pays (not the one whose buffer grew last).
+#[test]
+fn the_budget_counts_bytes_held_not_buffer_capacity() {
+    let srv = TestServer::start(Opts {
+        max_buffered: Some(10_000),
+        record: false,
+        threads: Some(1),
+        ..Opts::default()
+    });
+    let mut sent = 0u64;
+    let mut partial = |s: &mut TcpStream, head: bool, n: usize| {
+        let mut wire = if head { 100_000u32.to_le_bytes().to_vec() } else { Vec::new() };
+        wire.extend(pattern(n, 1));
+        s.write_all(&wire).unwrap();
+        sent += wire.len() as u64;
+        srv.wait_stats("the bytes read", |st| st.bytes_received == sent);
+    };
+    let (mut a, ia) = srv.connect_id();
+    let (mut b, ib) = srv.connect_id();
+    partial(&mut a, true, 6_000);
+    partial(&mut b, true, 3_000);
+    // 9,008 held (prefixes included): under the budget, whatever the
+    // buffers reserved to grow.
+    partial(&mut b, false, 900);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(srv.stats().connections_active, 2, "closed under the budget");
+    // b grows to 3,904 + 1,100 = 5,004, the total to 11,008: a holds the most.
+    partial(&mut b, false, 1_100);
+    assert_eq!(srv.rec.wait_close(ia), TF_CLOSE_OVERLOAD, "a holds the most");
+    assert!(srv.rec.closes_of(ib).is_empty(), "b holds less and stays");
+    drop(b);
+}
+
 // ---------------------------------------------------------------- fairness
 
 #[test]

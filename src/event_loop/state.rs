@@ -271,7 +271,10 @@ impl State {
     /// Brings the budget up to date with what `slot`'s decoder now holds.
     pub(super) fn account_buffered(&mut self, slot: u32) {
         let Some(c) = self.get_mut(slot) else { return };
-        let now_held = c.decoder.held_capacity() + c.stash.capacity();
+        // The contract's budget is in bytes held (received, not delivered),
+        // not in what their buffers reserve: a buffer grows by at most what
+        // arrived plus a small constant, so memory stays near the budget.
+        let now_held = c.decoder.held_len() + c.stash.len();
         let before = std::mem::replace(&mut c.buffered, now_held);
         self.buffered = self.buffered - before as u64 + now_held as u64;
     }
