@@ -527,6 +527,30 @@ def test_drain_then_a_new_server_binds_the_port_while_old_connections_echo(make_
         old.drain()
 
 
+def test_drain_from_on_message_refuses_attempts_while_the_callback_goes_on(make_server, backend,
+                                                                           make_client):
+    holder, rec, drained = {}, Recorder(), threading.Event()
+
+    def on_message(conn, data):
+        rec.on_message(conn, data)
+        if data == b"drain":
+            holder["srv"].drain()
+            drained.set()
+            time.sleep(0.3)                  # the callback goes on after the call
+        holder["srv"].send(conn, data)
+
+    srv = holder["srv"] = make_server(backend=backend, on_connect=rec.on_connect,
+                                      on_message=on_message, on_close=rec.on_close)
+    c = make_client(srv.port)
+    c.send(b"drain")
+    assert drained.wait(WAIT)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT).close()
+    assert c.recv() == b"drain"
+    assert c.request(b"served on") == b"served on"
+    assert len(rec.connects) == 1
+
+
 def test_drain_removes_the_unix_socket_file(make_server, backend, sockdir, clients):
     path = os.path.join(sockdir, "drain.sock")
     srv, _ = make_echo(make_server, backend, address=f"unix:{path}")
