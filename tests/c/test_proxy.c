@@ -21,6 +21,8 @@
 struct phost {
     tf_server *srv;
     int echo; /* on_message echoes */
+    int drain_on_cue; /* a "drain" frame: tf_server_drain, then 300 ms more in the callback */
+    int drained;      /* the drain call's code + 1 (0: not called yet) */
     int connects, messages, closes;
     tf_conn_id conn[LIST_MAX];
     char peer[LIST_MAX][128];
@@ -39,6 +41,11 @@ static int p_connect(void *ud, tf_conn_id c, const char *peer) {
 
 static void p_message(void *ud, tf_conn_id c, const uint8_t *d, size_t n) {
     struct phost *h = ud;
+    if (h->drain_on_cue && n == 5 && memcmp(d, "drain", 5) == 0) {
+        int32_t rc = tf_server_drain(h->srv);
+        LOCKED(h->drained = rc + 1);
+        sleep_ms(300);
+    }
     if (h->echo)
         (void)tf_send(h->srv, c, d, n);
     LOCKED(h->messages++; h->last_msg_conn = c;
@@ -766,6 +773,27 @@ done:
     pstop(&t);
 }
 
+/* A drain from on_message stops the listener listening during the call: an
+ * attempt made after it returned, while the callback still runs, is refused. */
+static void test_drain_from_a_callback_refuses_at_once(void) {
+    struct phost h;
+    int a = -1, ok;
+    REQUIRE(pstart(&h, NULL, TF_PROXY_OFF, 0));
+    h.drain_on_cue = 1;
+    uint16_t port = tf_server_port(h.srv);
+    REQUIRE((a = cli_connect(port)) >= 0);
+    REQUIRE(send_frame(a, "drain", 5) == 0);
+    WAIT_FOR(h.drained != 0, SC(5000), ok);
+    CHECKF(ok && h.drained == TF_OK + 1, "tf_server_drain in on_message: %d", h.drained - 1);
+    CHECKF(port_refuses(port, 0), "an attempt after the drain call returned was not refused");
+    CHECK(expect_frame(a, "drain"));
+    CHECK(echo_ok(a, "served on"));
+    CHECK(connects_of(&h) == 1);
+done:
+    close_fd(&a);
+    pstop(&h);
+}
+
 static const struct test tests[] = {
     TEST(test_v1_tcp4_tcp6_unknown, 10, "v"),
     TEST(test_v2_tcp4_tcp6_local_unspec, 10, "v"),
@@ -783,6 +811,7 @@ static const struct test tests[] = {
     TEST(test_drain_unix_removes_file, 10, "v"),
     TEST(test_drain_idempotent_and_stopped_after_stop, 10, "v"),
     TEST(test_connect_after_drain, 10, "v"),
+    TEST(test_drain_from_a_callback_refuses_at_once, 10, "v"),
 };
 
 int main(int argc, char **argv) {
