@@ -79,14 +79,17 @@ fn the_peer_closing_gives_on_close_peer_exactly_once() {
 
 #[test]
 fn idle_timeout_closes_a_silent_connection_and_a_slow_partial_frame() {
-    let srv = TestServer::start(Opts { idle_ms: Some(150), ..Opts::default() });
+    // Margins for a loaded machine: `busy` completes a frame every ~30 ms
+    // against a 500 ms timeout (a test thread descheduled for that long
+    // would make it idle for real).
+    let srv = TestServer::start(Opts { idle_ms: Some(500), ..Opts::default() });
     let (mut quiet, quiet_id) = srv.connect_id();
     let (mut slow, slow_id) = srv.connect_id();
     let (mut busy, busy_id) = srv.connect_id();
     let start = Instant::now();
     // `slow` dribbles a frame it never finishes; `busy` completes frames.
-    slow.write_all(&[10, 0, 0, 0, b'a']).unwrap();
-    while start.elapsed() < Duration::from_millis(400) {
+    slow.write_all(&[0xe8, 0x03, 0, 0, b'a']).unwrap(); // 1,000 bytes announced
+    while start.elapsed() < Duration::from_millis(1000) {
         let _ = slow.write_all(b"b");
         write_frame(&mut busy, b"ping");
         assert_eq!(read_frame(&mut busy).unwrap(), b"ping");
