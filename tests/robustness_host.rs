@@ -152,6 +152,90 @@ fn two_servers_freeing_each_other_from_their_callbacks_both_return() {
     }
 }
 
+/// Server A (two loop threads) waits on loop 0 for B (freed from A's
+/// callback) and on loop 1 for C, while C's callback frees A: A and C free
+/// each other, which must not deadlock, whatever A's other loop waits for.
+/// `b_ms` / `c_ms`: how long B's and C's callbacks run before that.
+fn three_servers_one_waiting_on_two_loops(b_ms: u64, c_ms: u64) {
+    let _shared = shared_lock();
+    #[derive(Default)]
+    struct Three {
+        srv: [AtomicPtr<tf_server>; 3],
+        busy: [AtomicBool; 3],
+        freed: [AtomicBool; 3],
+    }
+    const A: usize = 0;
+    const B: usize = 1;
+    const C: usize = 2;
+    let t = Arc::new(Three::default());
+    let hooks_for = |me: usize| {
+        let t = t.clone();
+        Hooks {
+            on_message: Some(Box::new(move |_, _, data| {
+                let free = |which: usize| {
+                    // SAFETY: each server is live and freed once, here.
+                    unsafe { tf_server_free(t.srv[which].load(Ordering::SeqCst)) };
+                    t.freed[which].store(true, Ordering::SeqCst);
+                };
+                match (me, data) {
+                    (A, b"B") => free(B),
+                    (A, b"C") => free(C),
+                    (B, _) => {
+                        t.busy[B].store(true, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(b_ms));
+                    }
+                    (C, _) => {
+                        t.busy[C].store(true, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(c_ms));
+                        free(A);
+                    }
+                    _ => {}
+                }
+            })),
+            ..Hooks::default()
+        }
+    };
+    let one = |me| {
+        HookServer::start(
+            Opts { threads: Some(if me == A { 2 } else { 1 }), ..Opts::default() },
+            hooks_for(me),
+        )
+    };
+    let mut servers = [one(A), one(B), one(C)];
+    for (i, s) in servers.iter_mut().enumerate() {
+        t.srv[i].store(s.disown(), Ordering::SeqCst);
+        keep_hooks(s);
+    }
+    // Connection ids 1 and 2 of A live on its loops 0 and 1.
+    let (mut a0, id0) = servers[A].connect_id();
+    let (mut a1, id1) = servers[A].connect_id();
+    assert_eq!((id0, id1), (1, 2));
+    let mut b = servers[B].connect();
+    let mut c = servers[C].connect();
+    write_frame(&mut b, b"busy");
+    wait_flag(&t.busy[B], "B's callback");
+    write_frame(&mut a0, b"B"); // A's loop 0 now waits for B
+    write_frame(&mut c, b"busy, then free A");
+    wait_flag(&t.busy[C], "C's callback");
+    write_frame(&mut a1, b"C"); // A's loop 1 now waits for C, which frees A
+    wait_flag(&t.freed[B], "A's tf_server_free(B) to return");
+    wait_flag(&t.freed[C], "A's tf_server_free(C) to return");
+    wait_flag(&t.freed[A], "C's tf_server_free(A) to return");
+}
+
+#[test]
+fn a_server_waiting_on_two_loops_and_freed_by_one_it_waits_for_does_not_deadlock() {
+    // A's wait for B is found first: the cycle through its wait for C must
+    // still be seen.
+    three_servers_one_waiting_on_two_loops(2000, 500);
+}
+
+#[test]
+fn one_wait_of_a_server_ending_leaves_its_other_wait_known() {
+    // A's wait for B ends before C frees A: A's wait for C must still count.
+    three_servers_one_waiting_on_two_loops(300, 1000);
+}
+
 #[test]
 fn free_from_a_servers_own_callback_runs_no_more_callbacks_and_closes_everything() {
     let _shared = shared_lock();

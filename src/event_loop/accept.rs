@@ -182,6 +182,12 @@ impl<H: Handler> EventLoop<H> {
     /// limit; refused or over it, the connection is closed at once and
     /// counted as rejected. False when it was.
     pub(super) fn announce(&mut self, slot: u32, id: u64, peer: String, ip: Option<IpAddr>) -> bool {
+        if self.shared.stopping.load(Ordering::Acquire) || self.shared.silent.load(Ordering::Acquire) {
+            // Stop has begun (or the server was freed from its own callback)
+            // since the accept: a PROXY header completing now names no one.
+            self.reject(slot, id);
+            return false;
+        }
         if let (Some(ip), Some(limit)) = (ip, self.max_per_ip) {
             if !self.shared.core.count_ip(ip, limit) {
                 self.reject(slot, id);

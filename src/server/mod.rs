@@ -312,30 +312,41 @@ mod waits {
 
     static WAITING: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 
-    pub struct Guard(usize);
+    /// One edge: a loop thread of server .0 waits for every loop of .1.
+    pub struct Guard(usize, usize);
 
     impl Drop for Guard {
         fn drop(&mut self) {
             let mut w = WAITING.lock().unwrap_or_else(|p| p.into_inner());
-            w.retain(|&(waiter, _)| waiter != self.0);
+            // Only this wait's edge: another loop thread of the same server
+            // may be waiting too, for another server.
+            if let Some(i) = w.iter().position(|&e| e == (self.0, self.1)) {
+                w.swap_remove(i);
+            }
         }
     }
 
-    /// Records that the loop of server `waiter` is about to wait for the
-    /// loop of server `target`; None when that would close a cycle.
+    /// Records that a loop of server `waiter` is about to wait for the loops
+    /// of server `target`; None when that would close a cycle. A server with
+    /// several loop threads can wait for several servers at once: every
+    /// edge is followed, not only the first.
     pub fn enter(waiter: usize, target: usize) -> Option<Guard> {
         let mut w = WAITING.lock().unwrap_or_else(|p| p.into_inner());
-        let mut at = target;
-        for _ in 0..=w.len() {
+        let mut seen = vec![target];
+        let mut i = 0;
+        while i < seen.len() {
+            let at = seen[i];
             if at == waiter {
                 return None;
             }
-            match w.iter().find(|&&(x, _)| x == at) {
-                Some(&(_, next)) => at = next,
-                None => break,
+            for &(x, next) in w.iter() {
+                if x == at && !seen.contains(&next) {
+                    seen.push(next);
+                }
             }
+            i += 1;
         }
         w.push((waiter, target));
-        Some(Guard(waiter))
+        Some(Guard(waiter, target))
     }
 }
