@@ -418,7 +418,9 @@ int32_t tf_config_set_on_messages(struct tf_config *cfg, void (*on_messages)(voi
  *
  * Returns TF_OK (look at each `result`); TF_ERR_INVALID for NULL `outs`
  * with n > 0; TF_ERR_STOPPED once stop has begun, and then no entry was
- * queued (the results are not written).
+ * queued (the results are not written). With several loop threads, stop
+ * can begin during the call: then the entries queued before keep TF_OK,
+ * the others get TF_ERR_STOPPED, and the call returns TF_OK.
  *
  * **Thread:** any thread, including inside callbacks.
  * **Ownership:** every payload is copied before the call returns.
@@ -749,7 +751,9 @@ int32_t tf_sendv(struct tf_server *srv, tf_conn_id conn, const struct tf_iovec *
  * entries took it.
  *
  * Returns TF_OK even when some were skipped; TF_ERR_STOPPED once stop has
- * begun; n = 0 is TF_OK whatever `conns` is; TF_ERR_INVALID for NULL
+ * begun, and then no entry took it (with several loop threads, stop can
+ * begin during the call: entries that took it before are counted in
+ * `*queued`, the rest skipped, and the call returns TF_OK); n = 0 is TF_OK whatever `conns` is; TF_ERR_INVALID for NULL
  * `conns` with n > 0 or NULL `data` with len > 0; TF_ERR_TOO_LARGE when len
  * passes max frame.
  *

@@ -120,7 +120,9 @@ pub struct tf_out {
 ///
 /// Returns TF_OK (look at each `result`); TF_ERR_INVALID for NULL `outs`
 /// with n > 0; TF_ERR_STOPPED once stop has begun, and then no entry was
-/// queued (the results are not written).
+/// queued (the results are not written). With several loop threads, stop
+/// can begin during the call: then the entries queued before keep TF_OK,
+/// the others get TF_ERR_STOPPED, and the call returns TF_OK.
 ///
 /// **Thread:** any thread, including inside callbacks.
 /// **Ownership:** every payload is copied before the call returns.

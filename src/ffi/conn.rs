@@ -135,7 +135,9 @@ pub unsafe extern "C" fn tf_sendv(
 /// entries took it.
 ///
 /// Returns TF_OK even when some were skipped; TF_ERR_STOPPED once stop has
-/// begun; n = 0 is TF_OK whatever `conns` is; TF_ERR_INVALID for NULL
+/// begun, and then no entry took it (with several loop threads, stop can
+/// begin during the call: entries that took it before are counted in
+/// `*queued`, the rest skipped, and the call returns TF_OK); n = 0 is TF_OK whatever `conns` is; TF_ERR_INVALID for NULL
 /// `conns` with n > 0 or NULL `data` with len > 0; TF_ERR_TOO_LARGE when len
 /// passes max frame.
 ///

@@ -81,7 +81,14 @@ impl Server {
             }
             let mut inbox = sh.lock_inbox();
             if inbox.stop_deadline.is_some() {
-                return Err(Error::stopped());
+                // With several loops, stop may begin between two runs: what
+                // earlier runs queued stays queued (and may be written), so
+                // the call is only STOPPED as a whole when nothing was.
+                if !codes.contains(&0) {
+                    return Err(Error::stopped());
+                }
+                codes.extend(run.iter().map(|_| Code::Stopped as i32));
+                continue;
             }
             let before = codes.len();
             for (id, p) in run {
@@ -255,7 +262,12 @@ impl Server {
             }
             let mut inbox = sh.lock_inbox();
             if inbox.stop_deadline.is_some() {
-                return Err(Error::stopped());
+                // As in send_batch: STOPPED only when nothing was queued;
+                // otherwise the rest are skipped and `total` says so.
+                if total == 0 {
+                    return Err(Error::stopped());
+                }
+                continue;
             }
             let n = run.iter().filter(|&&id| sh.send_locked(&mut inbox, id, frame).is_ok()).count();
             drop(inbox);
