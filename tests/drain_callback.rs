@@ -20,14 +20,6 @@ fn refused_now(addr: SocketAddr) -> bool {
     }
 }
 
-fn wait_for(what: &str, flag: &AtomicBool) {
-    let deadline = Instant::now() + WAIT;
-    while !flag.load(Ordering::SeqCst) {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 /// The callback drains, then keeps working: an attempt made meanwhile (the
 /// listener descriptor still open, the loop busy) must not be accepted.
 #[test]
@@ -51,7 +43,7 @@ fn an_attempt_after_a_drain_in_on_message_is_refused_while_the_callback_runs() {
     let s = HookServer::start(Opts::default(), hooks);
     let (mut a, _) = s.connect_id();
     write_frame(&mut a, b"drain");
-    wait_for("the drain call to return", &drained);
+    wait_flag(&drained, "the drain call to return");
     assert_eq!(result.load(Ordering::SeqCst), TF_OK);
     assert!(refused_now(s.addr), "a connection attempt after tf_server_drain returned was accepted");
     assert_eq!(read_frame(&mut a).as_deref(), Some(&b"drain"[..]));
@@ -96,10 +88,10 @@ fn a_drain_in_on_connect_serves_the_queue_and_refuses_what_comes_after() {
     };
     let s = HookServer::start(Opts::default(), hooks);
     let mut first_conn = s.connect();
-    wait_for("on_connect of the first connection", &started);
+    wait_flag(&started, "on_connect of the first connection");
     let mut queued: Vec<TcpStream> = (0..2).map(|_| s.connect()).collect();
     go.store(true, Ordering::SeqCst);
-    wait_for("the drain call to return", &drained);
+    wait_flag(&drained, "the drain call to return");
     assert!(refused_now(s.addr), "a connection attempt after tf_server_drain returned was accepted");
     for (i, q) in queued.iter_mut().enumerate() {
         let p = format!("queued {i}");

@@ -5,17 +5,9 @@ use common::*;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const HEADER: &[u8] = b"PROXY TCP4 203.0.113.7 198.51.100.1 41000 5882\r\n";
-
-fn wait_flag(flag: &AtomicBool, what: &str) {
-    let deadline = Instant::now() + WAIT;
-    while !flag.load(Ordering::SeqCst) {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 /// X's callback runs 300 ms; Y's header completed in the same wake-up, and a
 /// host thread begins stop meanwhile: Y must never be announced.

@@ -31,15 +31,6 @@ fn keep_hooks(srv: &HookServer) {
 
 // ---------------------------------------------------------------- freeing from callbacks
 
-/// Waits (bounded) until `flag` is set.
-fn wait_flag(flag: &AtomicBool, what: &str) {
-    let deadline = Instant::now() + WAIT;
-    while !flag.load(Ordering::SeqCst) {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 #[derive(Default)]
 struct CrossFree {
     b_srv: AtomicPtr<tf_server>,

@@ -678,6 +678,15 @@ impl Drop for HookServer {
     }
 }
 
+/// Waits (bounded by WAIT) until `flag` is set; panics naming `what`.
+pub fn wait_flag(flag: &AtomicBool, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !flag.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// True once connecting to `addr` is refused (nobody listens), within `within`.
 pub fn refused_within(addr: SocketAddr, within: Duration) -> bool {
     let deadline = Instant::now() + within;
