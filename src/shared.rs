@@ -264,11 +264,18 @@ impl Shared {
 
     /// tf_send from a thread that is not this server's loop thread.
     pub(crate) fn send_from_host(&self, id: u64, payload: &[u8]) -> Result<()> {
+        self.send_pending(id, Frame::One(payload))
+    }
+
+    /// One send through the inbox: from host threads, and from a loop's own
+    /// callbacks for a connection its table does not know yet (tf_connect
+    /// from that callback).
+    pub(crate) fn send_pending(&self, id: u64, frame: Frame<'_>) -> Result<()> {
         let mut inbox = self.lock_inbox();
         if inbox.stop_deadline.is_some() {
             return Err(Error::stopped());
         }
-        self.send_locked(&mut inbox, id, Frame::One(payload))?;
+        self.send_locked(&mut inbox, id, frame)?;
         drop(inbox);
         self.wake();
         Ok(())

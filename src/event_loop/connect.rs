@@ -10,7 +10,7 @@ use super::{EventLoop, Handler, FIRST_CONN};
 use crate::addr::Address;
 use crate::config::LogLevel;
 use crate::conn::{CloseReason, Conn};
-use crate::shared::bump;
+use crate::shared::{bump, CMD_SEND};
 use crate::sys::{self, Interest};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -66,6 +66,11 @@ impl<H: Handler> EventLoop<H> {
             return;
         }
         if done {
+            // Frames sent before the connect began go first: on_connect,
+            // called now, may send more on the loop's own (lock-free) path.
+            if let Some(q) = self.pending.remove(&id) {
+                self.state.borrow_mut().apply(CMD_SEND, id, Some(q));
+            }
             self.connected(slot, id);
         }
     }

@@ -14,6 +14,18 @@ use crate::outq::Frame;
 use crate::shared::{too_large, StatsSnapshot};
 use std::sync::atomic::Ordering;
 
+/// A local (inside a callback, no lock) call's answer, unless the loop's
+/// own table does not know the connection: one that tf_connect made from
+/// this very callback waits in the inbox until the loop's next pass, so the
+/// host path (which knows it) decides. Connections that really are gone are
+/// unknown there too.
+fn known_locally<T>(local: Option<Result<T>>) -> Option<Result<T>> {
+    match local {
+        Some(Err(e)) if e.code == Code::NoConn => None,
+        other => other,
+    }
+}
+
 impl Server {
     pub fn send(&self, id: u64, payload: &[u8]) -> Result<()> {
         self.send_with(id, || Ok(payload))
@@ -35,7 +47,7 @@ impl Server {
         if payload == crate::shared::PANIC_PAYLOAD {
             panic!("fault injection: panic inside tf_send");
         }
-        match event_loop::local_send(sh, id, payload) {
+        match known_locally(event_loop::local_send(sh, id, payload)) {
             Some(r) => r,
             None => sh.send_from_host(id, payload),
         }
@@ -77,6 +89,14 @@ impl Server {
                 }
             });
             if local.is_some() {
+                // Unknown to the loop's table: perhaps connecting (known_locally).
+                let from = codes.len() - run.len();
+                for (i, (id, p)) in run.iter().enumerate() {
+                    if codes[from + i] == Code::NoConn as i32 {
+                        let frame = Frame::One(p.as_ref().expect("checked: NO_CONN comes after the checks"));
+                        codes[from + i] = code(sh.send_pending(*id, frame));
+                    }
+                }
                 continue;
             }
             let mut inbox = sh.lock_inbox();
@@ -123,7 +143,7 @@ impl Server {
     pub fn close(&self, id: u64) -> Result<()> {
         self.check_live()?;
         let sh = self.route(id);
-        match event_loop::local_close(sh, id) {
+        match known_locally(event_loop::local_close(sh, id)) {
             Some(r) => r,
             None => sh.close_from_host(id),
         }
@@ -133,7 +153,7 @@ impl Server {
     pub fn abort(&self, id: u64) -> Result<()> {
         self.check_live()?;
         let sh = self.route(id);
-        match event_loop::local_abort(sh, id) {
+        match known_locally(event_loop::local_abort(sh, id)) {
             Some(r) => r,
             None => sh.abort_from_host(id),
         }
@@ -201,7 +221,7 @@ impl Server {
         self.check_live()?;
         let sh = self.route(id);
         let local = event_loop::with_state(sh, |st| if pause { st.pause(id) } else { st.resume(id) });
-        if let Some(r) = local {
+        if let Some(r) = known_locally(local) {
             return r;
         }
         sh.pause_from_host(id, pause)
@@ -214,17 +234,10 @@ impl Server {
         if frame.len() > sh.max_frame as usize {
             return Err(too_large(frame.len(), sh.max_frame));
         }
-        if let Some(r) = event_loop::with_state(sh, |st| st.send_frame(id, frame)) {
-            return r;
+        match known_locally(event_loop::with_state(sh, |st| st.send_frame(id, frame))) {
+            Some(r) => r,
+            None => sh.send_pending(id, frame),
         }
-        let mut inbox = sh.lock_inbox();
-        if inbox.stop_deadline.is_some() {
-            return Err(Error::stopped());
-        }
-        sh.send_locked(&mut inbox, id, frame)?;
-        drop(inbox);
-        sh.wake();
-        Ok(())
     }
 
     /// tf_send_many: the same frame to each id (payloads from SHARE_FROM
@@ -254,10 +267,20 @@ impl Server {
         for run in self.runs(ids, |&id| id) {
             let sh = self.route(run[0]);
             let local = event_loop::with_state(sh, |st| {
-                run.iter().filter(|&&id| st.send_frame(id, frame).is_ok()).count()
+                let mut unknown = Vec::new();
+                let mut n = 0;
+                for &id in run.iter() {
+                    match st.send_frame(id, frame) {
+                        Ok(()) => n += 1,
+                        Err(e) if e.code == Code::NoConn => unknown.push(id),
+                        Err(_) => {}
+                    }
+                }
+                (n, unknown)
             });
-            if let Some(n) = local {
-                total += n;
+            if let Some((n, unknown)) = local {
+                // Unknown to the loop's table: perhaps connecting (known_locally).
+                total += n + unknown.into_iter().filter(|&id| sh.send_pending(id, frame).is_ok()).count();
                 continue;
             }
             let mut inbox = sh.lock_inbox();
