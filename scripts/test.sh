@@ -33,6 +33,8 @@ scripts/fuzz.sh "$FUZZ_SECS"
 
 step "Python package: mypy --strict (annotations on every public name)"
 python3 -m mypy --strict python/tcpframe
+# ... and a user's program: every public name exported (not only defined).
+MYPYPATH=python python3 -m mypy --strict tests/python/typed_user.py
 
 step "C tests, C examples (valgrind) and the Python package (its wheel in a fresh venv included)"
 python3 -m pytest -q tests/c tests/python

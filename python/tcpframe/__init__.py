@@ -14,6 +14,7 @@ The shared library is found lazily, on first use: $TCPFRAME_LIB, a libtcpframe.s
 to this package, target/release/libtcpframe.so in a parent directory (source checkout),
 then ctypes.util.find_library("tcpframe").
 """
+from . import constants
 from ._lib import LibraryNotFoundError, library_path, load_library
 from .client import Client, ConnectionClosed, encode_frame
 from .constants import *  # noqa: F401,F403 - the TF_* constants
@@ -33,4 +34,5 @@ __all__ = [
     "encode_frame", "library_version", "library_path", "load_library",
     "Address", "Buffer", "Message",
     "ConnInfo", "Prefix", "PrefixFlag", "ProxyProtocol",
-] + [name for name in dir() if name.startswith("TF_")]
+]
+__all__ += constants.__all__  # the TF_* constants (a form type checkers follow)

@@ -113,3 +113,14 @@ def _enum_or_int(enum: Type[_E], value: int) -> Union[_E, int]:
         return enum(value)
     except ValueError:
         return value
+
+# The plain constants (the package re-exports them; a literal list, so that type
+# checkers see them as exported).
+__all__ = ["TF_OK", "TF_ERR_INVALID", "TF_ERR_NO_CONN", "TF_ERR_FULL", "TF_ERR_TOO_LARGE",
+    "TF_ERR_STOPPED", "TF_ERR_IO", "TF_ERR_INTERNAL", "TF_CLOSE_PEER", "TF_CLOSE_LOCAL",
+    "TF_CLOSE_SHUTDOWN", "TF_CLOSE_IO", "TF_CLOSE_TOO_LARGE", "TF_CLOSE_IDLE",
+    "TF_CLOSE_PROTOCOL", "TF_CLOSE_CONNECT_FAILED", "TF_CLOSE_SLOW", "TF_CLOSE_OVERLOAD",
+    "TF_BACKEND_AUTO", "TF_BACKEND_POLL", "TF_BACKEND_EPOLL", "TF_EVENT_CONNECT",
+    "TF_EVENT_MESSAGE", "TF_EVENT_CLOSE", "TF_EVENT_WRITABLE", "TF_PREFIX_BIG_ENDIAN",
+    "TF_PREFIX_INCLUDES_ITSELF", "TF_PROXY_OFF", "TF_PROXY_V1", "TF_PROXY_V2",
+    "TF_PROXY_ANY", "TF_LOG_ERROR", "TF_LOG_WARN", "TF_LOG_INFO", "TF_LOG_DEBUG"]

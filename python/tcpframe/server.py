@@ -913,7 +913,8 @@ class _ServerBase:
 
     def stats(self) -> Stats:
         """A snapshot of the library's counters (frames this thread collected in the
-        current batch are sent first, so they are counted). Any thread."""
+        current batch are sent first, so they are counted). Any thread; also after
+        stop() (the final counters)."""
         self._flush_mine()
         out = _lib.TfStats()
         self._call("tf_server_stats", ctypes.byref(out))

@@ -1293,6 +1293,74 @@ done:
         remove_dir(dir);
 }
 
+/* tf_connect from inside on_message: the new id takes a send at once (it is
+ * written once connected) and echoes come back on it; TCP and abstract. */
+static struct {
+    tf_server *srv;
+    char target[160];
+    tf_conn_id out;
+    int32_t connect_rc, send_rc, close_rc;
+    int echoed; /* "first" came back on `out` */
+} g_dial;
+
+static void dial_message(void *ud, tf_conn_id c, const uint8_t *d, size_t n) {
+    (void)ud;
+    if (n == 4 && memcmp(d, "dial", 4) == 0) {
+        tf_conn_id out = 0;
+        int32_t rc = tf_connect(g_dial.srv, g_dial.target, &out);
+        int32_t sent = tf_send(g_dial.srv, out, (const uint8_t *)"first", 5);
+        LOCKED(g_dial.connect_rc = rc; g_dial.send_rc = sent; g_dial.out = out);
+    } else if (n == 5 && memcmp(d, "first", 5) == 0) {
+        LOCKED(if (c == g_dial.out) g_dial.echoed = 1);
+    }
+}
+
+static void test_connect_from_a_callback_takes_sends_at_once(void) {
+    for (int i = 0; i < 2; i++) {
+        struct rhost e;
+        struct fmt f = {4, 0};
+        char at[64];
+        int c = -1, ok;
+        if (i == 0)
+            snprintf(at, sizeof at, "127.0.0.1:0");
+        else
+            snprintf(at, sizeof at, "unix:@tf-reach-%d-dial", (int)getpid());
+        memset(&g_dial, 0, sizeof g_dial);
+        g_dial.connect_rc = g_dial.send_rc = -99;
+        REQUIRE(start_fmt(&e, at, f, 0) != NULL);
+        if (i == 0)
+            snprintf(g_dial.target, sizeof g_dial.target, "127.0.0.1:%u", (unsigned)tf_server_port(e.srv));
+        else
+            snprintf(g_dial.target, sizeof g_dial.target, "%s", at);
+        tf_config *cfg = cfg_new();
+        tf_callbacks cb;
+        memset(&cb, 0, sizeof cb);
+        cb.on_message = dial_message;
+        if (cfg == NULL || start_cb(cfg, &cb, &g_dial.srv) == NULL) {
+            tf_config_free(cfg);
+            rh_free(&e);
+            CHECK(0);
+            continue;
+        }
+        tf_config_free(cfg);
+        if ((c = cli_connect(tf_server_port(g_dial.srv))) >= 0 && send_frame(c, "dial", 4) == 0) {
+            WAIT_FOR(g_dial.echoed, SC(5000), ok);
+            CHECKF(ok, "%s: the frame sent right after tf_connect did not come back", g_dial.target);
+        } else {
+            CHECK(0);
+        }
+        pthread_mutex_lock(&g_mu);
+        CHECKF(g_dial.connect_rc == TF_OK && g_dial.send_rc == TF_OK, "%s: tf_connect %d, tf_send %d",
+               g_dial.target, (int)g_dial.connect_rc, (int)g_dial.send_rc);
+        pthread_mutex_unlock(&g_mu);
+        close_fd(&c);
+        tf_server_stop(g_dial.srv, 0);
+        tf_server_free(g_dial.srv);
+        rh_free(&e);
+    }
+done:;
+}
+
 /* A server with address "none": a pure client; after stop TF_ERR_STOPPED. */
 static void test_connect_pure_client_and_stop(void) {
     struct rhost t, c;
@@ -1643,6 +1711,7 @@ static const struct test tests[] = {
     TEST(test_connect_close_before_established, 20, "v"),
     TEST(test_connect_limits_and_arguments, 15, "v"),
     TEST(test_connect_pull_mode, 15, "v"),
+    TEST(test_connect_from_a_callback_takes_sends_at_once, 15, "v"),
 };
 
 int main(int argc, char **argv) {

@@ -329,6 +329,30 @@ def test_connect_to_our_own_listener_and_to_a_refused_port(make_server, backend,
     assert rec.wait_close(conn) == [CloseReason.LOCAL]
 
 
+def test_connect_inside_a_callback_then_send_at_once(make_server, backend, echo_server, make_client):
+    """The relay pattern: open an upstream connection in on_message and forward the
+    frame right away (queued, written once connected); the reply comes back on it."""
+    holder, rec, calls = {}, Recorder(), []
+
+    def on_message(conn, data):
+        rec.on_message(conn, data)
+        if data == b"relay me" and conn != holder.get("up"):     # not the echo coming back
+            up = holder["srv"].connect(("127.0.0.1", echo_server.port))
+            holder["up"] = up
+            holder["srv"].send(up, data)
+            holder["srv"].sendv(up, [b"and ", b"me"])
+            calls.append("sent")
+
+    srv = holder["srv"] = make_server(backend=backend, on_message=on_message,
+                                      on_connect=rec.on_connect, on_close=rec.on_close)
+    c = make_client(srv.port)
+    c.send(b"relay me")
+    rec.wait(lambda r: len([m for m in r.messages if m[0] == holder.get("up")]) >= 2,
+             what="the replies on the upstream connection")
+    assert calls == ["sent"]
+    assert [d for cid, d in rec.messages if cid == holder["up"]] == [b"relay me", b"and me"]
+
+
 def test_connect_over_unix_and_in_pull_mode(make_server, backend, sockdir, pumps):
     path = os.path.join(sockdir, "target.sock")
     target, _ = make_echo(make_server, backend, address=f"unix:{path}")
