@@ -1019,7 +1019,8 @@ class _ServerBase:
         """What the library knows about one open connection: peer, counters, queued
         output, age, outbound, paused, loop thread (frames this thread collected in the
         current batch are sent first, so queued_output counts them). Any thread,
-        callbacks included. Raises NoConnError for an unknown or closed id."""
+        callbacks included. Raises NoConnError for an unknown or closed id (one closing
+        by close() still answers while its output is written, until its on_close)."""
         self._flush_mine()
         out = _lib.TfConnInfo()
         self._call("tf_conn_get_info", conn, ctypes.byref(out))

@@ -246,8 +246,9 @@ pub struct tf_conn_info {
 /// Fills `*out` with what is known about `conn`: its peer, its counters,
 /// its queued output, its age.
 ///
-/// Returns TF_OK; TF_ERR_NO_CONN for an unknown or closed connection;
-/// TF_ERR_INVALID for NULL pointers.
+/// Returns TF_OK; TF_ERR_NO_CONN for an unknown or closed connection (one
+/// closing by tf_conn_close still answers while its queued output is
+/// written, until its on_close); TF_ERR_INVALID for NULL pointers.
 ///
 /// **Thread:** any thread, including inside callbacks.
 /// **Ownership:** `*out` is the caller's; written only on success.
