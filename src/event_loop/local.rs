@@ -76,18 +76,13 @@ pub fn on_any_loop_thread() -> bool {
     current_loop().is_some()
 }
 
-/// tf_send from inside a callback of this server; None on any other thread.
+/// tf_send from inside a callback of this server; None on any other thread,
+/// or for an id the loop's table does not hold (see State::unless_unknown).
 #[inline]
 pub fn local_send(shared: &Shared, id: u64, payload: &[u8]) -> Option<Result<()>> {
-    with_local(shared, |st| st.send(id, payload))
-}
-
-/// tf_conn_close from inside a callback of this server; None elsewhere.
-pub fn local_close(shared: &Shared, id: u64) -> Option<Result<()>> {
-    with_local(shared, |st| st.close(id))
-}
-
-/// tf_conn_abort from inside a callback of this server; None elsewhere.
-pub fn local_abort(shared: &Shared, id: u64) -> Option<Result<()>> {
-    with_local(shared, |st| st.abort(id))
+    with_local(shared, |st| {
+        let r = st.send(id, payload);
+        st.unless_unknown(id, r)
+    })
+    .flatten()
 }

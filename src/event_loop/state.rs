@@ -328,6 +328,17 @@ impl State {
     }
 
     /// tf_send on the loop thread: checked and queued synchronously.
+    /// `r`, unless it is NO_CONN for an id this table does not hold at all
+    /// (a tf_connect made from this very callback waits in the inbox until
+    /// the loop's next pass): None, so that the caller asks the inbox. Only
+    /// looked up on that error, never on the hot path.
+    pub fn unless_unknown<T>(&self, id: u64, r: Result<T>) -> Option<Result<T>> {
+        match r {
+            Err(e) if e.code == crate::error::Code::NoConn && !self.ids.contains_key(&id) => None,
+            r => Some(r),
+        }
+    }
+
     pub fn send(&mut self, id: u64, payload: &[u8]) -> Result<()> {
         let slot = match self.current {
             (cur, slot) if cur == id => slot,
@@ -356,7 +367,7 @@ impl State {
 
     /// tf_conn_close on the loop thread: only for a connection that is not
     /// closing already (for whatever reason).
-    pub(super) fn close(&mut self, id: u64) -> Result<()> {
+    pub fn close(&mut self, id: u64) -> Result<()> {
         let slot = *self.ids.get(&id).ok_or_else(|| Error::no_conn(id))?;
         let c = self.get_mut(slot).ok_or_else(|| Error::no_conn(id))?;
         if c.phase != Phase::Open || c.shared.close_requested.swap(true, Ordering::AcqRel) {
@@ -367,7 +378,7 @@ impl State {
     }
 
     /// tf_conn_abort on the loop thread.
-    pub(super) fn abort(&mut self, id: u64) -> Result<()> {
+    pub fn abort(&mut self, id: u64) -> Result<()> {
         let slot = *self.ids.get(&id).ok_or_else(|| Error::no_conn(id))?;
         let c = self.get_mut(slot).ok_or_else(|| Error::no_conn(id))?;
         if !abortable(&c.shared) {

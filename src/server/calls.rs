@@ -14,16 +14,22 @@ use crate::outq::Frame;
 use crate::shared::{too_large, StatsSnapshot};
 use std::sync::atomic::Ordering;
 
-/// A local (inside a callback, no lock) call's answer, unless the loop's
-/// own table does not know the connection: one that tf_connect made from
-/// this very callback waits in the inbox until the loop's next pass, so the
-/// host path (which knows it) decides. Connections that really are gone are
-/// unknown there too.
-fn known_locally<T>(local: Option<Result<T>>) -> Option<Result<T>> {
-    match local {
-        Some(Err(e)) if e.code == Code::NoConn => None,
-        other => other,
-    }
+/// Runs a call on the loop's own table when inside one of its callbacks (no
+/// lock). None: not on that loop's thread, or NO_CONN for an id the table
+/// does not hold at all: one that tf_connect made from this very callback
+/// waits in the inbox until the loop's next pass, so the host path (which
+/// knows it) decides. Connections that are gone are unknown there too; ones
+/// still in the table (closing) keep the local answer.
+fn local_call<T>(
+    sh: &crate::shared::Shared,
+    id: u64,
+    f: impl FnOnce(&mut event_loop::State) -> Result<T>,
+) -> Option<Result<T>> {
+    event_loop::with_state(sh, |st| {
+        let r = f(st);
+        st.unless_unknown(id, r)
+    })
+    .flatten()
 }
 
 impl Server {
@@ -47,7 +53,7 @@ impl Server {
         if payload == crate::shared::PANIC_PAYLOAD {
             panic!("fault injection: panic inside tf_send");
         }
-        match known_locally(event_loop::local_send(sh, id, payload)) {
+        match event_loop::local_send(sh, id, payload) {
             Some(r) => r,
             None => sh.send_from_host(id, payload),
         }
@@ -84,18 +90,26 @@ impl Server {
         for run in self.runs(entries, |e| e.0) {
             let sh = self.route(run[0].0);
             let local = event_loop::with_state(sh, |st| {
-                for (id, p) in run {
-                    codes.push(code(check(p).and_then(|()| st.send(*id, p.as_ref().expect("checked")))));
-                }
-            });
-            if local.is_some() {
-                // Unknown to the loop's table: perhaps connecting (known_locally).
-                let from = codes.len() - run.len();
+                let mut unknown = Vec::new();
                 for (i, (id, p)) in run.iter().enumerate() {
-                    if codes[from + i] == Code::NoConn as i32 {
-                        let frame = Frame::One(p.as_ref().expect("checked: NO_CONN comes after the checks"));
-                        codes[from + i] = code(sh.send_pending(*id, frame));
+                    let r = check(p).and_then(|()| st.send(*id, p.as_ref().expect("checked")));
+                    match st.unless_unknown(*id, r) {
+                        Some(r) => codes.push(code(r)),
+                        None => {
+                            codes.push(Code::NoConn as i32);
+                            unknown.push(i);
+                        }
                     }
+                }
+                unknown
+            });
+            if let Some(unknown) = local {
+                // Not in the loop's table: perhaps connecting (local_call).
+                let from = codes.len() - run.len();
+                for i in unknown {
+                    let (id, p) = &run[i];
+                    let frame = Frame::One(p.as_ref().expect("checked: NO_CONN comes after the checks"));
+                    codes[from + i] = code(sh.send_pending(*id, frame));
                 }
                 continue;
             }
@@ -143,7 +157,7 @@ impl Server {
     pub fn close(&self, id: u64) -> Result<()> {
         self.check_live()?;
         let sh = self.route(id);
-        match known_locally(event_loop::local_close(sh, id)) {
+        match local_call(sh, id, |st| st.close(id)) {
             Some(r) => r,
             None => sh.close_from_host(id),
         }
@@ -153,7 +167,7 @@ impl Server {
     pub fn abort(&self, id: u64) -> Result<()> {
         self.check_live()?;
         let sh = self.route(id);
-        match known_locally(event_loop::local_abort(sh, id)) {
+        match local_call(sh, id, |st| st.abort(id)) {
             Some(r) => r,
             None => sh.abort_from_host(id),
         }
@@ -220,8 +234,7 @@ impl Server {
     pub fn pause(&self, id: u64, pause: bool) -> Result<()> {
         self.check_live()?;
         let sh = self.route(id);
-        let local = event_loop::with_state(sh, |st| if pause { st.pause(id) } else { st.resume(id) });
-        if let Some(r) = known_locally(local) {
+        if let Some(r) = local_call(sh, id, |st| if pause { st.pause(id) } else { st.resume(id) }) {
             return r;
         }
         sh.pause_from_host(id, pause)
@@ -234,7 +247,7 @@ impl Server {
         if frame.len() > sh.max_frame as usize {
             return Err(too_large(frame.len(), sh.max_frame));
         }
-        match known_locally(event_loop::with_state(sh, |st| st.send_frame(id, frame))) {
+        match local_call(sh, id, |st| st.send_frame(id, frame)) {
             Some(r) => r,
             None => sh.send_pending(id, frame),
         }
@@ -270,16 +283,17 @@ impl Server {
                 let mut unknown = Vec::new();
                 let mut n = 0;
                 for &id in run.iter() {
-                    match st.send_frame(id, frame) {
-                        Ok(()) => n += 1,
-                        Err(e) if e.code == Code::NoConn => unknown.push(id),
-                        Err(_) => {}
+                    let r = st.send_frame(id, frame);
+                    match st.unless_unknown(id, r) {
+                        Some(Ok(())) => n += 1,
+                        Some(Err(_)) => {}
+                        None => unknown.push(id),
                     }
                 }
                 (n, unknown)
             });
             if let Some((n, unknown)) = local {
-                // Unknown to the loop's table: perhaps connecting (known_locally).
+                // Not in the loop's table: perhaps connecting (local_call).
                 total += n + unknown.into_iter().filter(|&id| sh.send_pending(id, frame).is_ok()).count();
                 continue;
             }
