@@ -202,15 +202,15 @@ pub struct Shared {
     /// The listener is closed (true), or the loop has ended; with its condvar.
     pub drained: Mutex<bool>,
     pub drained_cv: Condvar,
-    /// What tf_server_drain does at once from a callback of loop 0.
+    /// What tf_server_drain does at once, on the calling thread.
     pub early_drain: Mutex<EarlyDrain>,
 }
 
-/// tf_server_drain called from one of loop 0's own callbacks cannot wait for
-/// the loop (it is that thread): the call takes the accept queue and stops
-/// the listener listening right away, so that no connection attempt after
-/// the call succeeds; the loop serves what was taken once the callback
-/// returns, and closes the descriptor.
+/// tf_server_drain does not wait for loop 0 to stop listening: the call
+/// takes the accept queue and stops the listener listening itself, so that
+/// no connection attempt after the call succeeds whatever loop 0 is doing
+/// (inside a callback, it may be this very thread, or wait for it); loop 0
+/// serves what was taken and closes the descriptor at its next turn.
 #[derive(Default)]
 pub struct EarlyDrain {
     /// The listener the library created (not an inherited one: shutting

@@ -41,6 +41,9 @@ impl<H: Handler> EventLoop<H> {
                         }
                     }
                     Some(libc::ECONNABORTED | libc::EPROTO | libc::EPERM | libc::EINTR) => {}
+                    // A drain on another thread stopped it listening: the
+                    // next turn of this loop closes it (drain_if_asked).
+                    Some(libc::EINVAL) if self.shared.drain_requested.load(Ordering::Acquire) => return,
                     _ => {
                         self.pause_accept(now, &e);
                         return;

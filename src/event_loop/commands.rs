@@ -14,9 +14,9 @@ use std::time::Instant;
 /// listen backlog is 1024).
 const DRAIN_ACCEPTS: usize = 4096;
 
-/// tf_server_drain from a callback of loop 0 (whose thread owns `listener`,
-/// so it cannot be closed meanwhile): takes the accept queue, then stops the
-/// listener listening. The loop admits what was taken and closes it after.
+/// tf_server_drain, on any thread, holding the lock without which loop 0
+/// does not close `listener`: takes the accept queue, then stops the
+/// listener listening. Loop 0 admits what was taken and closes it after.
 pub fn stop_listening(listener: std::os::fd::RawFd) -> Vec<sys::Accepted> {
     let mut taken = Vec::new();
     for _ in 0..DRAIN_ACCEPTS {
@@ -174,6 +174,18 @@ impl<H: Handler> EventLoop<H> {
         }
         let address = self.address.clone();
         self.close_listener();
+        // A drain called meanwhile (from an on_connect above, or a host
+        // thread) took the rest of the queue: serve that too. None can be
+        // added now that the listener is forgotten.
+        loop {
+            let taken = std::mem::take(&mut self.shared.lock_early_drain().accepted);
+            if taken.is_empty() {
+                break;
+            }
+            for a in taken {
+                self.admit(a);
+            }
+        }
         self.log.log(super::log::Topic::Lifecycle, crate::config::LogLevel::Info, || {
             format!("tcpframe: draining: no longer listening on {address}")
         });

@@ -284,12 +284,14 @@ pub unsafe extern "C" fn tf_conn_abort(srv: *mut tf_server, conn: tf_conn_id) ->
 /// the call returns is refused.
 ///
 /// Returns TF_OK; TF_ERR_STOPPED once stop has begun; TF_ERR_INVALID for
-/// NULL. From inside one of this server's callbacks it returns at once:
-/// the listener stops listening during the call (attempts after it are
-/// refused) and its descriptor is closed as soon as the callback returns.
-/// (An inherited `fd:N` listener is only closed then, since other
-/// processes may share it; with several loop threads, a callback on a
-/// thread other than the first waits for the first to close it.)
+/// NULL. The listener stops listening during the call, on the calling
+/// thread. From a host thread the call then waits until the server's first
+/// loop thread has closed it (and removed a Unix socket's file). From
+/// inside any callback (of this server or of another one) it returns at
+/// once, since waiting there could deadlock: the descriptor is closed, and
+/// the file removed, at that loop's next turn (right after the callback
+/// when it is this server's first loop thread). An inherited `fd:N`
+/// listener is never shut down (other processes may share it), only closed.
 ///
 /// **Thread:** any thread, including inside callbacks.
 #[no_mangle]

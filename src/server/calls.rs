@@ -334,25 +334,30 @@ impl Server {
         Ok(id)
     }
 
-    /// tf_server_drain: closes the listener now (from a callback of loop 0:
-    /// stops it listening now, closes it when the callback returns).
+    /// tf_server_drain: the listener stops listening during the call (its
+    /// queue taken first); loop 0 serves what was taken and closes it. A
+    /// host thread waits for that; a callback (of any server) does not.
     pub fn drain(&self) -> Result<()> {
         self.check_live()?;
         // Loop 0 owns the listener.
         let sh = self.first();
         sh.drain_requested.store(true, Ordering::Release);
-        if event_loop::current_loop_shared() == Some(std::sync::Arc::as_ptr(sh) as usize) {
-            // On loop 0's thread, inside a callback: the loop cannot close
-            // the listener before the callback returns, so stop it listening
-            // now (the loop, the only thread that closes it, is this one).
+        {
+            // Held while the descriptor is used: loop 0 takes this lock to
+            // forget the descriptor before it closes it.
             let mut early = sh.lock_early_drain();
             if let Some(fd) = early.listener {
                 let taken = event_loop::stop_listening(fd);
                 early.accepted.extend(taken);
             }
-            return Ok(());
         }
         sh.wake();
+        if event_loop::on_any_loop_thread() {
+            // Inside a callback: waiting for loop 0 could be waiting for this
+            // very thread, or for a loop that waits for it (a server freeing
+            // or draining this one from its own callback).
+            return Ok(());
+        }
         let mut closed = sh.drained.lock().unwrap_or_else(|p| p.into_inner());
         while !*closed {
             closed = sh.drained_cv.wait(closed).unwrap_or_else(|p| p.into_inner());
