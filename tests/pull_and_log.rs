@@ -238,6 +238,8 @@ fn the_log_hook_reports_closes_for_cause_and_is_rate_limited() {
     }
     let log = LOG.lock().unwrap().clone();
     assert!(log.iter().any(|(l, m)| *l == TF_LOG_WARN && m.contains("max connections")), "{log:?}");
+    let bound = format!("listening on 127.0.0.1:{} ", pull.port);
+    assert!(log.iter().any(|(_, m)| m.contains(&bound)), "the start line names the bound port: {log:?}");
     assert!(log.len() <= 25, "rate limited: {} lines", log.len());
 }
 

@@ -66,6 +66,11 @@ impl Listening {
             Address::None => (None, None, false),
         };
         let local = fd.as_ref().and_then(|fd| sys::local_addr(sys::raw(fd)));
+        // Logs name the port really bound, not ":0".
+        let text = match (&config.address, local) {
+            (Address::Tcp(_), Some(bound)) => bound.to_string(),
+            _ => text,
+        };
         Ok(Listening { fd, file, local, text, inherited })
     }
 
