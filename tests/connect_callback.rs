@@ -82,7 +82,11 @@ fn dialer(d: &Arc<Dial>) -> HookServer {
         })),
         ..Hooks::default()
     };
-    HookServer::start(Opts::default(), hooks)
+    // One loop thread: the new connection lives on the calling loop (the
+    // case of its lock-free path), and nothing of it can happen before the
+    // callback that made it returns. With several, its whole life may run
+    // on another loop before tf_connect even returns.
+    HookServer::start(Opts { threads: Some(1), ..Opts::default() }, hooks)
 }
 
 fn wait_until(what: &str, f: impl Fn() -> bool) {
