@@ -94,16 +94,47 @@ def lib():
 _built = {}
 
 
-def build_c(lib, name, src):
-    """Compiles one C program against libtcpframe.so (rpath set), once per session."""
+def build_c(lib, name, src, extra=()):
+    """Compiles one C program against libtcpframe.so (rpath set), once per session,
+    with the strict flags of every C program (-Werror) and `extra` (sanitizers)."""
     if name not in _built:
+        BUILD.mkdir(parents=True, exist_ok=True)
         out = BUILD / name
         run(
-            ["cc", *CFLAGS, f"-I{INCLUDE}", str(src), "-o", str(out),
+            ["cc", *CFLAGS, *extra, f"-I{INCLUDE}", str(src), "-o", str(out),
              f"-L{lib}", "-ltcpframe", f"-Wl,-rpath,{lib}", "-pthread"],
         )  # fmt: skip
         _built[name] = out
     return _built[name]
+
+
+# The C test programs (tests/c/test_*.c): a TEST(fn, secs, "flags") table each,
+# `--list`, and "ok   NAME (" per passing test.
+C_TEST_LINE = re.compile(r'^\s*TEST\((test_\w+),\s*(\d+),\s*"(\w*)"\),', re.M)
+SANITIZERS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+
+
+def c_test_cases(source):
+    """(test name, seconds, flags) from each TEST(...) line of a C test program."""
+    found = C_TEST_LINE.findall(source.read_text())
+    assert found, f"no TEST(...) entries in {source}"
+    return [(name, int(secs), flags) for name, secs, flags in found]
+
+
+def listed_c_tests(exe):
+    """The test names a C test program runs (its --list)."""
+    return {line.split()[0] for line in run([exe, "--list"]).stdout.splitlines()}
+
+
+def run_c_tests(exe, names, secs, backend, scale=1, prefix=(), env_extra=None):
+    """Runs the named tests of a C test program in one process; each must say ok."""
+    env = {**os.environ, "TF_TEST_BACKEND": backend, "TF_TEST_SCALE": str(scale), **(env_extra or {})}
+    p = run([*prefix, exe, *names], timeout=secs * scale + 60, check=False, env=env)
+    text = f"{p.stdout}\n{p.stderr[-6000:]}"
+    for name in names:
+        assert re.search(rf"^ok   {name} \(", p.stdout, re.M), text
+    assert p.returncode == 0, text
+    return p
 
 
 @pytest.fixture(scope="session")

@@ -10,51 +10,28 @@ The one case that waits out the 5-second header deadline runs once per backend
 (not under valgrind); the whole module takes about 30 s, most of it valgrind.
 """
 
-import os
-import re
-
 import pytest
 
-from test_c_examples import BUILD, CFLAGS, INCLUDE, ROOT, VALGRIND, lib, run, valgrind_clean  # noqa: F401
+from test_c_examples import (  # noqa: F401  (lib is a fixture)
+    ROOT, VALGRIND, build_c, c_test_cases, lib, listed_c_tests, run_c_tests, valgrind_clean)
 
 SOURCE = ROOT / "tests" / "c" / "test_proxy.c"
-
-
-def _cases():
-    """(test name, seconds, flags) from each TEST(fn, secs, "flags") line."""
-    found = re.findall(r'^\s*TEST\((test_\w+),\s*(\d+),\s*"(\w*)"\),', SOURCE.read_text(), re.M)
-    assert found, f"no TEST(...) entries in {SOURCE}"
-    return [(name, int(secs), flags) for name, secs, flags in found]
-
-
-CASES = _cases()
+CASES = c_test_cases(SOURCE)
 VALGRIND_CASES = [c for c in CASES if "v" in c[2]]
 
 
 @pytest.fixture(scope="session")
 def proxy_program(lib):
-    """test_proxy, built with the strict flags of every C test (-Werror)."""
-    out = BUILD / "test_proxy"
-    run(
-        ["cc", *CFLAGS, f"-I{INCLUDE}", SOURCE, "-o", out,
-         f"-L{lib}", "-ltcpframe", f"-Wl,-rpath,{lib}", "-pthread"],
-    )  # fmt: skip
-    return out
+    return build_c(lib, "test_proxy", SOURCE)
 
 
 def _run(exe, name, secs, backend, scale=1, prefix=()):
-    env = {**os.environ, "TF_TEST_BACKEND": backend, "TF_TEST_SCALE": str(scale)}
-    p = run([*prefix, exe, name], timeout=secs * scale + 60, check=False, env=env)
-    text = f"{p.stdout}\n{p.stderr[-6000:]}"
-    assert re.search(rf"^ok   {name} \(", p.stdout, re.M), text
-    assert p.returncode == 0, text
-    return p
+    return run_c_tests(exe, [name], secs, backend, scale, prefix)
 
 
 def test_every_c_proxy_test_is_listed(proxy_program):
     """The TEST table the program runs is the one parsed here."""
-    listed = {line.split()[0] for line in run([proxy_program, "--list"]).stdout.splitlines()}
-    assert listed == {c[0] for c in CASES}
+    assert listed_c_tests(proxy_program) == {c[0] for c in CASES}
 
 
 @pytest.mark.parametrize("backend", ["poll", "epoll"])

@@ -21,54 +21,35 @@ import time
 import pytest
 
 from test_c_examples import (  # noqa: F401  (lib and procs are fixtures)
-    BUILD,
-    CFLAGS,
     INCLUDE,
     ROOT,
     VALGRIND,
     WAIT,
+    build_c,
+    c_test_cases,
     connect,
     frame,
     lib,
+    listed_c_tests,
     procs,
     recv_frame,
     run,
+    run_c_tests,
     start_listening,
     valgrind_clean,
 )
 
 SOURCE = ROOT / "tests" / "c" / "test_reach.c"
-HEADER = ROOT / "tests" / "c" / "robust.h"
-
-
-def _cases():
-    """(test name, seconds, flags) from each TEST(fn, secs, "flags") line."""
-    found = re.findall(r'^\s*TEST\((test_\w+),\s*(\d+),\s*"(\w*)"\),', SOURCE.read_text(), re.M)
-    assert found, f"no TEST(...) entries in {SOURCE}"
-    return [(name, int(secs), flags) for name, secs, flags in found]
-
-
-CASES = _cases()
+CASES = c_test_cases(SOURCE)
 
 
 @pytest.fixture(scope="session")
 def test_reach(lib):
-    """test_reach, built with the strict flags of every C test (-Werror)."""
-    out = BUILD / "test_reach"
-    run(
-        ["cc", *CFLAGS, f"-I{INCLUDE}", SOURCE, "-o", out,
-         f"-L{lib}", "-ltcpframe", f"-Wl,-rpath,{lib}", "-pthread"],
-    )  # fmt: skip
-    return out
+    return build_c(lib, "test_reach", SOURCE)
 
 
 def run_cases(exe, names, secs, backend, scale=1, prefix=()):
-    env = {**os.environ, "TF_TEST_BACKEND": backend, "TF_TEST_SCALE": str(scale)}
-    p = run([*prefix, exe, *names], timeout=secs * scale + 60, check=False, env=env)
-    text = f"{p.stdout}\n{p.stderr[-6000:]}"
-    for name in names:
-        assert re.search(rf"^ok   {name} \(", p.stdout, re.M), text
-    assert p.returncode == 0, text
+    p = run_c_tests(exe, names, secs, backend, scale, prefix)
     for line in p.stdout.splitlines():  # SKIPPED reasons, shown with -rA / -s
         if line.startswith("    "):
             print(line)
@@ -76,8 +57,7 @@ def run_cases(exe, names, secs, backend, scale=1, prefix=()):
 
 
 def test_every_c_test_is_listed(test_reach):
-    listed = {line.split()[0] for line in run([test_reach, "--list"]).stdout.splitlines()}
-    assert listed == {c[0] for c in CASES}
+    assert listed_c_tests(test_reach) == {c[0] for c in CASES}
 
 
 @pytest.mark.parametrize("backend", ["poll", "epoll"])

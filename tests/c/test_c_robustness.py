@@ -10,73 +10,39 @@ of the C files: a C test added there is run here without further ado.
 tests/c and tests/python in one session, where two test modules may not share a name.)
 """
 
-import os
-import re
-
 import pytest
 
-from test_c_examples import BUILD, CFLAGS, INCLUDE, ROOT, VALGRIND, lib, run, valgrind_clean  # noqa: F401
-
+from test_c_examples import (  # noqa: F401  (lib is a fixture)
+    ROOT, SANITIZERS, VALGRIND, build_c, c_test_cases, lib, listed_c_tests, run_c_tests,
+    valgrind_clean)
 
 PROGRAMS = ["test_robustness", "test_robustness_load"]
 SOURCES = {p: ROOT / "tests" / "c" / f"{p}.c" for p in PROGRAMS}
-HEADER = ROOT / "tests" / "c" / "robust.h"
-ASAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-
-
-def _cases():
-    """(program, test name, seconds, flags) from each TEST(fn, secs, "flags") line."""
-    rx = re.compile(r'^\s*TEST\((test_\w+),\s*(\d+),\s*"(\w*)"\),', re.M)
-    out = []
-    for prog, src in SOURCES.items():
-        found = rx.findall(src.read_text())
-        assert found, f"no TEST(...) entries in {src}"
-        out += [(prog, name, int(secs), flags) for name, secs, flags in found]
-    return out
-
-
-CASES = _cases()
+# (program, test name, seconds, flags)
+CASES = [(prog, *case) for prog, src in SOURCES.items() for case in c_test_cases(src)]
 
 
 def _ids(cases):
     return [c[1] for c in cases]
 
 
-def _build(lib, prog, suffix="", extra=()):
-    out = BUILD / f"{prog}{suffix}"
-    run(
-        ["cc", *CFLAGS, *extra, f"-I{INCLUDE}", SOURCES[prog], "-o", out,
-         f"-L{lib}", "-ltcpframe", f"-Wl,-rpath,{lib}", "-pthread"],
-    )  # fmt: skip
-    return out
-
-
 @pytest.fixture(scope="session")
 def robustness_programs(lib):
-    """The two programs, built with the strict flags of every C test (-Werror)."""
-    return {p: _build(lib, p) for p in PROGRAMS}
+    return {p: build_c(lib, p, SOURCES[p]) for p in PROGRAMS}
 
 
 @pytest.fixture(scope="session")
 def robustness_asan(lib):
-    return {p: _build(lib, p, "_asan", ASAN) for p in PROGRAMS}
+    return {p: build_c(lib, f"{p}_asan", SOURCES[p], SANITIZERS) for p in PROGRAMS}
 
 
 def run_case(exe, name, secs, backend, scale=1, prefix=(), env_extra=None):
-    env = {**os.environ, "TF_TEST_BACKEND": backend, "TF_TEST_SCALE": str(scale)}
-    env.update(env_extra or {})
-    p = run([*prefix, exe, name], timeout=secs * scale + 60, check=False, env=env)
-    text = f"{p.stdout}\n{p.stderr[-6000:]}"
-    assert re.search(rf"^ok   {name} \(", p.stdout, re.M), text
-    assert p.returncode == 0, text
-    return p
+    return run_c_tests(exe, [name], secs, backend, scale, prefix, env_extra)
 
 
 def test_every_c_test_is_listed(robustness_programs):
     """The TEST tables the programs run are the ones parsed here."""
-    listed = set()
-    for exe in robustness_programs.values():
-        listed |= {line.split()[0] for line in run([exe, "--list"]).stdout.splitlines()}
+    listed = set().union(*(listed_c_tests(exe) for exe in robustness_programs.values()))
     assert listed == {c[1] for c in CASES}
 
 

@@ -8,64 +8,34 @@ file: a C test added there is run here without further ado.
     python3 -m pytest -q tests/c/test_c_threads.py -m "not valgrind"
 """
 
-import os
-import re
-
 import pytest
 
-from test_c_examples import BUILD, CFLAGS, INCLUDE, ROOT, VALGRIND, lib, run, valgrind_clean  # noqa: F401
+from test_c_examples import (  # noqa: F401  (lib is a fixture)
+    ROOT, SANITIZERS, VALGRIND, build_c, c_test_cases, lib, listed_c_tests, run_c_tests,
+    valgrind_clean)
 
 SOURCE = ROOT / "tests" / "c" / "test_threads.c"
-ASAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-
-
-def _cases():
-    """(test name, seconds, flags) from each TEST(fn, secs, "flags") line."""
-    found = re.findall(r'^\s*TEST\((test_\w+),\s*(\d+),\s*"(\w*)"\),', SOURCE.read_text(), re.M)
-    assert found, f"no TEST(...) entries in {SOURCE}"
-    return [(name, int(secs), flags) for name, secs, flags in found]
-
-
-CASES = _cases()
+CASES = c_test_cases(SOURCE)
 # Tests that pair connections across exactly two loops.
 TWO_LOOPS_ONLY = {"test_cross_loop_sends_and_closes_racing_peer_closes"}
 
 
-def _build(lib, suffix="", extra=()):
-    out = BUILD / f"test_threads{suffix}"
-    run(
-        ["cc", *CFLAGS, *extra, f"-I{INCLUDE}", SOURCE, "-o", out,
-         f"-L{lib}", "-ltcpframe", f"-Wl,-rpath,{lib}", "-pthread"],
-    )  # fmt: skip
-    return out
-
-
 @pytest.fixture(scope="session")
 def threads_program(lib):
-    """Built with the strict flags of every C test (-Werror)."""
-    BUILD.mkdir(parents=True, exist_ok=True)
-    return _build(lib)
+    return build_c(lib, "test_threads", SOURCE)
 
 
 @pytest.fixture(scope="session")
 def threads_asan(lib):
-    BUILD.mkdir(parents=True, exist_ok=True)
-    return _build(lib, "_asan", ASAN)
+    return build_c(lib, "test_threads_asan", SOURCE, SANITIZERS)
 
 
 def run_prog(exe, names, secs, backend, threads, scale=1, prefix=()):
-    env = {**os.environ, "TF_TEST_BACKEND": backend, "TF_TEST_SCALE": str(scale), "TF_TEST_THREADS": str(threads)}
-    p = run([*prefix, exe, *names], timeout=secs * scale + 60, check=False, env=env)
-    text = f"{p.stdout}\n{p.stderr[-6000:]}"
-    for name in names:
-        assert re.search(rf"^ok   {name} \(", p.stdout, re.M), text
-    assert p.returncode == 0, text
-    return p
+    return run_c_tests(exe, names, secs, backend, scale, prefix, {"TF_TEST_THREADS": str(threads)})
 
 
 def test_every_c_test_is_listed(threads_program):
-    listed = {line.split()[0] for line in run([threads_program, "--list"]).stdout.splitlines()}
-    assert listed == {c[0] for c in CASES}
+    assert listed_c_tests(threads_program) == {c[0] for c in CASES}
 
 
 @pytest.mark.parametrize("backend", ["poll", "epoll"])
