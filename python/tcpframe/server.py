@@ -1082,7 +1082,8 @@ class _ServerBase:
             try:
                 verdict = user_on_connect(conn, peer)
             except BaseException:
-                release(conn)
+                if not self._is_outbound(conn):
+                    release(conn)  # refused: no on_close follows
                 raise
             if verdict is not None and not verdict and not self._is_outbound(conn):
                 release(conn)  # refused: no on_close follows
@@ -1370,7 +1371,7 @@ class Server(_ServerBase):
         return c_on_message
 
     def _connect_thunk(self, on_connect: Optional[OnConnect]) -> Callable[[Any, int, Optional[bytes]], int]:
-        report, live = self._report, self._live
+        report, live, is_outbound = self._report, self._live, self._is_outbound
 
         def c_on_connect(_ud: Any, conn: int, peer: Optional[bytes]) -> int:
             try:
@@ -1382,8 +1383,10 @@ class Server(_ServerBase):
                     verdict = on_connect(conn, peer.decode("utf-8", "replace") if peer else "")
                 except BaseException as exc:  # noqa: BLE001
                     report("on_connect", conn, exc)
-                    return 1  # an on_connect that fails refuses
-                if verdict is not None and not verdict:
+                    verdict = False  # an on_connect that fails refuses
+                # The library ignores the verdict for an outbound connection
+                # (tf_connect): it stays open, so it is live here too.
+                if verdict is not None and not verdict and not is_outbound(conn):
                     return 1
             live.add(conn)
             return 0
