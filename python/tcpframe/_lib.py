@@ -120,7 +120,6 @@ class TfConnInfo(ctypes.Structure):
 
 ON_WRITABLE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, tf_conn_id)
 
-TF_EVENT_SIZE = ctypes.sizeof(TfEvent)  # 32
 PACKED_EVENT_HEADER = 24  # tf_events_pack: int32 kind, int32 reason, uint64 conn, uint64 len
 PACKED_SEND_HEADER = 16   # tf_send_packed: uint64 conn, uint64 len
 
