@@ -186,6 +186,8 @@ pub struct Conn {
     pub want_write: bool,
     /// In the loop's dirty list (to be flushed this iteration).
     pub dirty: bool,
+    /// In the loop's `resumed` list (a delivery turn is due for held bytes).
+    pub turn_due: bool,
     /// In the loop's closing list.
     pub in_closing_list: bool,
     /// What the poller watches now, to skip redundant changes.
@@ -234,6 +236,7 @@ impl Conn {
             ip: None,
             want_write: false,
             dirty: false,
+            turn_due: false,
             in_closing_list: false,
             interest: Interest::READ,
             registered: true,

@@ -116,12 +116,11 @@ impl<H: Handler> EventLoop<H> {
                 let Some(c) = st.get_mut(slot) else { continue };
                 c.paused = false;
                 let held = !c.stash.is_empty() && !c.host_paused;
-                let id = c.id;
                 // Waiting on the host is not the peer being idle.
                 st.idle_touch(slot, Instant::now());
-                if held && !st.resumed.contains(&(slot, id)) {
+                if held {
                     // Frames held back at its last turn go first.
-                    st.resumed.push((slot, id));
+                    st.schedule_turn(slot);
                 }
             }
             self.sync_interest(slot);

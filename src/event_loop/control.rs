@@ -95,6 +95,18 @@ impl State {
         self.resync.push(slot);
     }
 
+    /// Schedules a delivery turn for `slot`'s held bytes (once: a flag, not
+    /// a search of the list, so that many connections holding bytes cost
+    /// one step each).
+    pub(super) fn schedule_turn(&mut self, slot: u32) {
+        let Some(c) = self.get_mut(slot) else { return };
+        if !c.turn_due {
+            c.turn_due = true;
+            let id = c.id;
+            self.resumed.push((slot, id));
+        }
+    }
+
     pub(super) fn resume_slot(&mut self, slot: u32) {
         let Some(c) = self.get_mut(slot) else { return };
         c.shared.paused.store(false, Ordering::Release);
@@ -102,9 +114,8 @@ impl State {
             return;
         }
         c.host_paused = false;
-        let id = c.id;
         self.idle_touch(slot, Instant::now());
-        self.resumed.push((slot, id));
+        self.schedule_turn(slot);
         self.resync.push(slot);
     }
 

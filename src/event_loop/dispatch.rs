@@ -114,10 +114,7 @@ impl<H: Handler> EventLoop<H> {
             if !c.stash.is_empty() {
                 // Bytes a pause held back go first: no new read before them.
                 if !c.host_paused {
-                    let id = c.id;
-                    if !st.resumed.contains(&(slot, id)) {
-                        st.resumed.push((slot, id));
-                    }
+                    st.schedule_turn(slot);
                 }
                 return;
             }
@@ -265,8 +262,8 @@ impl<H: Handler> EventLoop<H> {
             return false;
         }
         c.stash.extend_from_slice(rest);
-        if !c.host_paused && !c.shared.paused.load(Ordering::Acquire) && !st.resumed.contains(&(slot, id)) {
-            st.resumed.push((slot, id));
+        if !c.host_paused && !c.shared.paused.load(Ordering::Acquire) {
+            st.schedule_turn(slot);
         }
         true
     }
@@ -274,7 +271,16 @@ impl<H: Handler> EventLoop<H> {
     /// Connections the host resumed: what a pause held back is delivered
     /// first, in order; then they are read again.
     pub(super) fn deliver_resumed(&mut self) {
-        let resumed = std::mem::take(&mut self.state.borrow_mut().resumed);
+        let resumed = {
+            let mut st = self.state.borrow_mut();
+            let resumed = std::mem::take(&mut st.resumed);
+            for &(slot, id) in &resumed {
+                if let Some(c) = st.get_id(slot, id) {
+                    c.turn_due = false;
+                }
+            }
+            resumed
+        };
         for (slot, id) in resumed {
             if !self.handler.wants_input() {
                 // Pull mode, queue full: parked like a read would be, and
