@@ -262,11 +262,6 @@ impl Shared {
         self.waker.set();
     }
 
-    /// tf_send from a thread that is not this server's loop thread.
-    pub(crate) fn send_from_host(&self, id: u64, payload: &[u8]) -> Result<()> {
-        self.send_pending(id, Frame::One(payload))
-    }
-
     /// One send through the inbox: from host threads, and from a loop's own
     /// callbacks for a connection its table does not know yet (tf_connect
     /// from that callback).

@@ -4,7 +4,6 @@
 #![forbid(unsafe_code)]
 
 use super::State;
-use crate::error::Result;
 use crate::shared::Shared;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -29,6 +28,7 @@ thread_local! {
 
 /// Runs `f` on this server's loop state when called from inside one of its
 /// callbacks (no lock, no system call); None on any other thread.
+#[inline]
 pub fn with_state<R>(shared: &Shared, f: impl FnOnce(&mut State) -> R) -> Option<R> {
     with_local(shared, f)
 }
@@ -74,15 +74,4 @@ pub fn current_loop_shared() -> Option<usize> {
 /// True on the loop thread of any server: inside some tcpframe callback.
 pub fn on_any_loop_thread() -> bool {
     current_loop().is_some()
-}
-
-/// tf_send from inside a callback of this server; None on any other thread,
-/// or for an id the loop's table does not hold (see State::unless_unknown).
-#[inline]
-pub fn local_send(shared: &Shared, id: u64, payload: &[u8]) -> Option<Result<()>> {
-    with_local(shared, |st| {
-        let r = st.send(id, payload);
-        st.unless_unknown(id, r)
-    })
-    .flatten()
 }

@@ -23,7 +23,7 @@ mod state;
 mod write;
 
 pub use commands::stop_listening;
-pub use local::{current_loop, current_loop_shared, local_send, on_any_loop_thread, with_state};
+pub use local::{current_loop, current_loop_shared, on_any_loop_thread, with_state};
 pub use start::Starter;
 pub use state::{State, StateConfig};
 

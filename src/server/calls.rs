@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 /// waits in the inbox until the loop's next pass, so the host path (which
 /// knows it) decides. Connections that are gone are unknown there too; ones
 /// still in the table (closing) keep the local answer.
+#[inline]
 fn local_call<T>(
     sh: &crate::shared::Shared,
     id: u64,
@@ -53,9 +54,9 @@ impl Server {
         if payload == crate::shared::PANIC_PAYLOAD {
             panic!("fault injection: panic inside tf_send");
         }
-        match event_loop::local_send(sh, id, payload) {
+        match local_call(sh, id, |st| st.send(id, payload)) {
             Some(r) => r,
-            None => sh.send_from_host(id, payload),
+            None => sh.send_pending(id, Frame::One(payload)),
         }
     }
 
