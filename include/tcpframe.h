@@ -563,8 +563,9 @@ int32_t tf_config_set_close_timeout_ms(struct tf_config *cfg, uint32_t ms);
  * read would take the total past it, the connection holding the most
  * partial-frame bytes is closed with TF_CLOSE_OVERLOAD. 0 is TF_ERR_INVALID.
  * Counted in bytes received and not yet delivered (prefixes included, and
- * bytes a pause holds back); a partial frame's buffer reserves at most a
- * small constant more than what arrived, so memory stays close to it.
+ * bytes a pause holds back). A partial frame's buffer reserves at most
+ * 64 KiB more than what arrived, so the memory held is at most the budget
+ * plus 64 KiB per connection holding a partial frame.
  *
  * **Thread:** any thread, one at a time per configuration.
  */

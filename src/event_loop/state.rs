@@ -272,8 +272,9 @@ impl State {
     pub(super) fn account_buffered(&mut self, slot: u32) {
         let Some(c) = self.get_mut(slot) else { return };
         // The contract's budget is in bytes held (received, not delivered),
-        // not in what their buffers reserve: a buffer grows by at most what
-        // arrived plus a small constant, so memory stays near the budget.
+        // not in what their buffers reserve: a buffer reserves at most
+        // GROW_SLACK (64 KiB) more than what arrived, so memory stays within
+        // the budget plus that much per connection holding a partial frame.
         let now_held = c.decoder.held_len() + c.stash.len();
         let before = std::mem::replace(&mut c.buffered, now_held);
         self.buffered = self.buffered - before as u64 + now_held as u64;
