@@ -158,10 +158,7 @@ impl<H: Handler> EventLoop<H> {
         if let Some(c) = self.state.borrow().get(slot) {
             bump(&c.shared.bytes_received, n as u64);
         }
-        // Delivered from the loop's read buffer, lent out for the turn.
-        let scratch = std::mem::take(&mut self.scratch);
-        self.deliver_turn(slot, id, &scratch[..n], read_at);
-        self.scratch = scratch;
+        self.deliver_read(slot, id, 0..n, read_at);
         // Replies to what was just read go out now, not after every other
         // ready connection was read: the peer waits for one read and one
         // write, not for the whole pass. A connection that other callbacks
@@ -250,6 +247,27 @@ impl<H: Handler> EventLoop<H> {
             }
         }
         self.after_delivery(slot, id, Some((decoder, read_at)), out, false);
+    }
+
+    /// deliver_turn for bytes of the loop's read buffer, lent out for the
+    /// turn and put back even when the turn panics (the loop's panic guard
+    /// then closes the connection; a lost buffer would make every later
+    /// read look like end of stream).
+    pub(super) fn deliver_read(
+        &mut self,
+        slot: u32,
+        id: u64,
+        range: std::ops::Range<usize>,
+        read_at: Instant,
+    ) {
+        let scratch = std::mem::take(&mut self.scratch);
+        let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.deliver_turn(slot, id, &scratch[range], read_at)
+        }));
+        self.scratch = scratch;
+        if let Err(panic) = turn {
+            std::panic::resume_unwind(panic);
+        }
     }
 
     /// Keeps bytes a turn did not deliver; schedules the next turn unless the

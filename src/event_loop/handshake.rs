@@ -51,9 +51,7 @@ impl<H: Handler> EventLoop<H> {
                 }
                 if consumed < n {
                     // The first frame's bytes came in the same segment.
-                    let scratch = std::mem::take(&mut self.scratch);
-                    self.deliver_turn(slot, id, &scratch[consumed..n], Instant::now());
-                    self.scratch = scratch;
+                    self.deliver_read(slot, id, consumed..n, Instant::now());
                 } else {
                     self.sync_interest(slot);
                 }

@@ -261,16 +261,6 @@ impl<H: Handler> EventLoop<H> {
                     st.mark_closing(slot, CloseReason::Io);
                 }
             }
-            // The read buffer is lent out during a delivery: a panic there
-            // left an empty one, and a read into it would look like end of
-            // stream on every connection after.
-            if self.scratch.len() != SCRATCH {
-                let mut fresh = Vec::new();
-                if fresh.try_reserve_exact(SCRATCH).is_ok() {
-                    fresh.resize(SCRATCH, 0);
-                }
-                self.scratch = fresh;
-            }
         }
     }
 
