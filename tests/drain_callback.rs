@@ -132,8 +132,11 @@ fn drains_from_a_host_thread_and_from_on_connect_serve_the_whole_queue() {
     armed.store(true, Ordering::SeqCst);
     write_frame(&mut first, b"busy");
     s.rec().wait_for("the busy frame", |e| e.iter().any(|e| matches!(e, Ev::Message(..))));
-    // The loop sleeps: these handshakes complete in the kernel's queue.
+    // The loop sleeps: these handshakes complete in the kernel's queue
+    // (connect() returns at the SYN-ACK; the server side joins the queue
+    // when the last ACK is processed: a moment is left for that).
     let mut queued: Vec<TcpStream> = (0..6).map(|_| s.connect()).collect();
+    std::thread::sleep(Duration::from_millis(50));
     let srv = s.srv as usize;
     // SAFETY: the server outlives the thread (joined below).
     let drainer = std::thread::spawn(move || unsafe { tf_server_drain(srv as *mut tf_server) });
